@@ -1,0 +1,239 @@
+"""Declarative settings: one ``swarm.toml`` (plus ``BLOOMBEE_``-prefixed environment overrides).
+
+Environment variables override the file; nested keys use ``__``, e.g. ``BLOOMBEE_JOB__PROMPT="Hi"`` or
+``BLOOMBEE_MODEL__DTYPE=bfloat16``. Plugin choices are a name with the plugin's own options beside it
+(``compressor = { name = "zstd", level = 3 }``); those options are validated against the plugin's
+``Options`` model once plugins are loaded (:func:`check_plugin_choices`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import importlib.resources
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bloombee_core.errors import ConfigError, dotted
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bloombee_toml_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginChoice(BaseModel):
+    """A plugin picked by ``name``; every other key is an option of that plugin."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def choice(name: str, **options: Any) -> Any:
+    """A default plugin choice for a field."""
+    return Field(default_factory=lambda: PluginChoice(name=name, **options))
+
+
+class ModelSettings(_Section):
+    path: str = Field(DEFAULT_MODEL, description="Hub id, local folder or .gguf file.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    family: str | None = Field(
+        None, description="Model-family adapter; default: chosen by config.model_type."
+    )
+
+
+class NetworkSettings(_Section):
+    initial_peers: list[str] = Field(
+        default_factory=list, description="Multiaddrs of peers already in the swarm."
+    )
+    bootstrap: bool = Field(False, description="Start a DHT bootstrap node as part of this stack.")
+    listen: list[str] = Field(default_factory=list, description="Multiaddrs the bootstrap node listens on.")
+    identity: Path | None = Field(
+        None, description="Private-key file of the bootstrap node (stable peer id)."
+    )
+    transport: PluginChoice = choice("hivemind")
+
+
+BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """``"A:B"`` -> ``(A, B)``: blocks A..B-1."""
+    match = BLOCKS_RE.match(text)
+    if not match or int(match[1]) >= int(match[2]):
+        raise ValueError(f"blocks must look like 'A:B' with A < B (blocks A..B-1), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+class ServerSettings(_Section):
+    blocks: str | None = Field(None, description="Span to host, 'A:B' (blocks A..B-1).")
+    num_blocks: int | None = Field(None, ge=1, description="Host this many of the least-served blocks.")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Default: model.dtype.")
+    listen: list[str] = Field(default_factory=list, description="Multiaddrs to listen on.")
+    announce: list[str] = Field(default_factory=list, description="Multiaddrs to announce (e.g. a proxy's).")
+    identity: Path | None = None
+    public_name: str | None = None
+    cache_bytes: int | None = Field(None, ge=0, description="KV-cache memory budget in bytes.")
+    offload: PluginChoice = choice("none")
+    compressor: PluginChoice = choice("none")
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_blocks(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_span_rule(self) -> ServerSettings:
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ValueError("give either blocks or num_blocks, not both")
+        return self
+
+    def span(self) -> tuple[int, int] | None:
+        return parse_blocks(self.blocks) if self.blocks else None
+
+
+class ClientSettings(_Section):
+    compressor: PluginChoice = choice("none")
+    decoding: PluginChoice = choice("greedy")
+
+
+class JobSettings(_Section):
+    kind: Literal["generate", "none"] = "none"
+    prompt: str = "Explain DHTs in one sentence."
+    max_new_tokens: int = Field(32, ge=1)
+    chat: bool = Field(True, description="Wrap the prompt in the tokenizer's chat template when it has one.")
+
+
+class PluginsSettings(_Section):
+    strict: bool = Field(False, description="A plugin that fails to load is an error instead of a warning.")
+
+
+class Settings(BaseSettings):
+    """Everything a stack needs: which model, which network, which servers, which client job."""
+
+    model_config = SettingsConfigDict(env_prefix="BLOOMBEE_", env_nested_delimiter="__", extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    server: list[ServerSettings] = Field(default_factory=list)
+    client: ClientSettings = Field(default_factory=ClientSettings)
+    job: JobSettings = Field(default_factory=JobSettings)
+    plugins: PluginsSettings = Field(default_factory=PluginsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate a swarm.toml (``None``: the embedded default swarm).
+
+    :raises ConfigError: naming the offending key, in one line.
+    """
+    file = Path(path) if path is not None else default_settings_path()
+    if not file.is_file():
+        raise ConfigError("", f"settings file {str(file)!r} does not exist")
+    try:
+        with file.open("rb") as fh:
+            tomllib.load(fh)  # a clearer message than pydantic's for TOML syntax errors
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{file}: not valid TOML: {exc}") from None
+    token = _toml_path.set(file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise settings_error(exc) from None
+    finally:
+        _toml_path.reset(token)
+
+
+def default_settings_path() -> Path:
+    return Path(str(importlib.resources.files("bloombee_core") / "default_swarm.toml"))
+
+
+def settings_error(exc: ValidationError) -> ConfigError:
+    """Turn pydantic's report into one line that names the key."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = dotted(err["loc"])
+    if err["type"] == "extra_forbidden":
+        hint = _closest(loc)
+        return ConfigError(key, "unknown key" + (f"; did you mean {hint!r}?" if hint else ""))
+    message = err["msg"].removeprefix("Value error, ")
+    shown = err.get("input")
+    if err["type"] != "missing" and not isinstance(shown, dict | list) and repr(shown) not in message:
+        message += f" (got {shown!r})"
+    more = len(exc.errors()) - 1
+    return ConfigError(key, message + (f" (and {more} more error{'s' * (more > 1)})" if more else ""))
+
+
+def _closest(loc: list[str]) -> str | None:
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))[0]
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return None
+        model = inner
+    matches = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return matches[0] if matches else None
+
+
+def plugin_choices(settings: Settings) -> list[tuple[str, str, PluginChoice]]:
+    """Every plugin choice in the settings as ``(kind, dotted key, choice)``."""
+    found = [
+        ("transports", "network.transport", settings.network.transport),
+        ("compressors", "client.compressor", settings.client.compressor),
+        ("decoding_strategies", "client.decoding", settings.client.decoding),
+    ]
+    for i, server in enumerate(settings.server):
+        found.append(("offload_policies", f"server[{i}].offload", server.offload))
+        found.append(("compressors", f"server[{i}].compressor", server.compressor))
+    return found
+
+
+def check_plugin_choices(settings: Settings, plugins: Any) -> None:
+    """Validate each chosen plugin's name and options against the installed plugins."""
+    for kind, key, chosen in plugin_choices(settings):
+        plugins.create(kind, chosen, key)
+    if settings.model.family:
+        plugins.get("model_families", settings.model.family, "model.family")
