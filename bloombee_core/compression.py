@@ -1,0 +1,68 @@
+"""Lossless activation compressors: the base class and the helpers every compressor shares.
+
+A compressor turns a tensor's raw bytes into a wire payload and back. The receiver always knows
+the dtype and shape from the (validated) message header, so a payload carries no metadata of its
+own beyond what the codec needs. Decoding is the dangerous direction — the payload comes from the
+network — so :meth:`Compressor.decode` implementations must never produce (or allocate) more than
+``prod(shape) * itemsize`` bytes, whatever the payload claims.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bloombee_core.plugin import Plugin
+
+__all__ = ["Compressor", "expected_nbytes", "tensor_bytes_view", "tensor_from_bytes"]
+
+
+class Compressor(Plugin):
+    """Base of every compressor (kind ``"compressors"``).
+
+    Subclasses set ``name`` and implement :meth:`encode` and :meth:`decode`. Both must be lossless:
+    ``decode(encode(t), t.dtype, tuple(t.shape))`` equals ``t`` bit for bit, NaN payloads, infinities
+    and ``-0.0`` included.
+    """
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        """Compress the tensor's raw (contiguous, native byte order) bytes into a payload."""
+        raise NotImplementedError
+
+    def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rebuild a CPU tensor of ``dtype`` and ``shape`` from ``payload``.
+
+        :raises ValueError: the payload does not decode to exactly ``prod(shape) * itemsize`` bytes.
+        """
+        raise NotImplementedError
+
+
+def expected_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of ``dtype`` and ``shape`` occupies; rejects shapes no tensor can have."""
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    return math.prod(shape) * dtype.itemsize
+
+
+def tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 CPU view of the tensor's bytes (copies only if it is not contiguous or not on CPU)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8)
+
+
+def tensor_from_bytes(
+    data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A new, writable tensor holding a copy of ``data``, which must be exactly the right size."""
+    nbytes = expected_nbytes(dtype, shape)
+    if len(data) != nbytes:
+        raise ValueError(
+            f"payload holds {len(data)} bytes but a {dtype} tensor of shape {tuple(shape)} needs {nbytes}"
+        )
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
