@@ -146,8 +146,8 @@ class PluginSet:
         served = sorted(t for f in self.classes("model_families").values() for t in f.model_types)
         raise ConfigError(
             "model.path",
-            f"no installed model family serves model_type {model_type!r}; served: {', '.join(served) or 'none'}"
-            " (install a bloombee-plugin-* package that adds it)",
+            f"no installed model family serves model_type {model_type!r}; "
+            f"served: {', '.join(served) or 'none'} (install a bloombee-plugin-* package that adds it)",
         )
 
     def _kind(self, kind: str) -> dict[str, PluginInfo]:
@@ -210,7 +210,7 @@ def load_plugins(
             continue
         origins[name] = (source, None, None)
 
-    _reject_unknown_hooks(pm, fail)
+    _reject_unknown_hooks(pm, origins, fail)
     for kind in KINDS.values():
         base = kind.base_class()
         for impl in getattr(pm.hook, kind.hook).get_hookimpls():
@@ -227,8 +227,8 @@ def load_plugins(
                 clash = result.plugins[kind.name].get(cls.name)
                 if clash is not None:
                     raise PluginError(
-                        f"two plugins claim the {kind.noun} name {cls.name!r}: {clash.origin} and {info.origin};"
-                        " uninstall one of them"
+                        f"two plugins claim the {kind.noun} name {cls.name!r}: "
+                        f"{clash.origin} and {info.origin}; uninstall one of them"
                     )
                 result.plugins[kind.name][cls.name] = info
     return result
@@ -242,7 +242,7 @@ def _check_class(cls: object, base: type, kind: Kind) -> None:
         raise TypeError(f"{cls.__qualname__} has no `name` (a non-empty string)")
 
 
-def _reject_unknown_hooks(pm: pluggy.PluginManager, fail: Any) -> None:
+def _reject_unknown_hooks(pm: pluggy.PluginManager, origins: dict[str, tuple], fail: Any) -> None:
     """Like ``pm.check_pending()``, but a misnamed hook only takes down its own plugin."""
     for hook_name in list(vars(pm.hook)):
         if hook_name.startswith("_"):
@@ -253,8 +253,7 @@ def _reject_unknown_hooks(pm: pluggy.PluginManager, fail: Any) -> None:
         for impl in caller.get_hookimpls():
             if impl.optionalhook:
                 continue
-            plugin = impl.plugin
-            name = pm.get_name(plugin) or repr(plugin)
-            pm.unregister(plugin)
-            known = ", ".join(KIND.hook for KIND in KINDS.values())
-            fail(name, None, PluginError(f"hook {hook_name!r} matches no hook spec; known hooks: {known}"))
+            source, dist, _ = origins[impl.plugin_name]
+            pm.unregister(impl.plugin)
+            known = ", ".join(kind.hook for kind in KINDS.values())
+            fail(source, dist, PluginError(f"hook {hook_name!r} matches no hook spec; known hooks: {known}"))

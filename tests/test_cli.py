@@ -16,7 +16,11 @@ COMMANDS = ["bootstrap", "serve", "generate", "status", "run", "plugins", "confi
 
 def bloombee(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bloombee_core.cli", *args], capture_output=True, text=True, check=check, timeout=120
+        [sys.executable, "-m", "bloombee_core.cli", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
     )
 
 
@@ -63,7 +67,10 @@ def test_config_check_accepts_a_good_file_and_the_examples(tmp_path: Path) -> No
     ("text", "message"),
     [
         ('[client]\ncompressor = { name = "example-xor", key = "x" }\n', "error: client.compressor.key: "),
-        ('[client]\ncompressor = "nope"\n', "error: client.compressor.name: unknown compressor 'nope'; installed:"),
+        (
+            '[client]\ncompressor = "nope"\n',
+            "error: client.compressor.name: unknown compressor 'nope'; installed:",
+        ),
         ('[jbo]\nkind = "generate"\n', "error: jbo: unknown key; did you mean 'job'?"),
     ],
 )

@@ -74,7 +74,9 @@ def test_plugin_options_are_validated_and_name_the_key() -> None:
     assert xor.options.key == 7
     with pytest.raises(ConfigError, match=r"^client\.compressor\.kee: unknown option$"):
         plugins.create("compressors", {"name": "example-xor", "kee": 7}, "client.compressor")
-    with pytest.raises(ConfigError, match=r"^client\.compressor\.key: .*less than or equal to 255 \(got 300\)"):
+    with pytest.raises(
+        ConfigError, match=r"^client\.compressor\.key: .*less than or equal to 255 \(got 300\)"
+    ):
         plugins.create("compressors", {"name": "example-xor", "key": 300}, "client.compressor")
 
 

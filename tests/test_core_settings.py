@@ -84,14 +84,24 @@ def test_mistakes_give_one_line_naming_the_key(tmp_path: Path, text: str, messag
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[client]\ncompressor = "zstdd"\n', "client.compressor.name: unknown compressor 'zstdd'; installed: "),
-        ('[client]\ncompressor = { name = "example-xor", kee = 1 }\n', "client.compressor.kee: unknown option"),
-        ('[[server]]\nblocks = "0:1"\noffload = { name = "percent", weights_on_device = "half" }\n',
-         "server[0].offload.weights_on_device: "),
+        (
+            '[client]\ncompressor = "zstdd"\n',
+            "client.compressor.name: unknown compressor 'zstdd'; installed: ",
+        ),
+        (
+            '[client]\ncompressor = { name = "example-xor", kee = 1 }\n',
+            "client.compressor.kee: unknown option",
+        ),
+        (
+            '[[server]]\nblocks = "0:1"\noffload = { name = "percent", weights_on_device = "half" }\n',
+            "server[0].offload.weights_on_device: ",
+        ),
         ('[model]\nfamily = "gpt5"\n', "model.family: unknown model family 'gpt5'; installed: "),
     ],
 )
-def test_plugin_choices_are_checked_against_installed_plugins(tmp_path: Path, text: str, message: str) -> None:
+def test_plugin_choices_are_checked_against_installed_plugins(
+    tmp_path: Path, text: str, message: str
+) -> None:
     settings = load_settings(write(tmp_path, text))
     with pytest.raises(ConfigError) as excinfo:
         check_plugin_choices(settings, load_plugins())

@@ -25,7 +25,9 @@ def test_hook_bloombee_register_compressors() -> None:
     hidden = torch.randn(2, 3, 16).to(torch.bfloat16)
     for name in ("none", "lz4", "zstd", "zstd-bytesplit"):
         codec = plugins.create("compressors", name)
-        assert torch.equal(codec.decode(codec.encode(hidden), hidden.dtype, tuple(hidden.shape)), hidden), name
+        assert torch.equal(codec.decode(codec.encode(hidden), hidden.dtype, tuple(hidden.shape)), hidden), (
+            name
+        )
 
 
 def test_hook_bloombee_register_offload_policies() -> None:

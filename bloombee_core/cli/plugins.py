@@ -49,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     for failure in failures:
-        console.print(
-            f"[red]failed to load[/red] {failure['entry_point']} ({failure['distribution'] or '?'}): {failure['error']}"
-        )
+        where = failure["distribution"] or "passed in directly"
+        console.print(f"[red]failed to load[/red] {failure['entry_point']} ({where}): {failure['error']}")
     return 0

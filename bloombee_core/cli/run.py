@@ -12,9 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run the roles of a swarm.toml (default: a whole demo swarm on loopback)",
-        description="Run every role a settings file declares: bootstrap node, servers, client job. Without "
-        "--config: a bootstrap node and two servers splitting the packaged SmolLM2-135M-Instruct on loopback, "
-        "and one generation through them.",
+        description="Run every role a settings file declares: bootstrap node, servers, client job. "
+        "Without --config: a bootstrap node and two servers splitting the packaged SmolLM2-135M-Instruct "
+        "on loopback, and one generation through them.",
     )
     parser.add_argument(
         "--config", "-c", metavar="FILE", help="a swarm.toml (default: the embedded demo swarm)"
