@@ -1,0 +1,1 @@
+"""Benchmarks: WAN emulation, floors, scenarios and reports (run with `python -m bench` or `nox -s bench`)."""
