@@ -1,0 +1,174 @@
+"""Parity harness for model-family tests: a tiny random model vs. the same model split into spans.
+
+The template for a new family's test: build a tiny config, save a random model with ``save_tiny``,
+then call ``assert_parity`` (prefill + 16 cached decode steps, greedy generation, left-padded batch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanCache, load_config
+
+FP32_ATOL = 1e-5
+# bf16 runs compare against transformers also run in bf16. Both execute the same kernels in the same order,
+# so in practice the logits agree exactly; the tolerance only leaves room for a different fusion/accumulation
+# order in a future transformers or torch: bf16 keeps 8 mantissa bits (relative step 2**-8 ~ 0.004), and
+# logits of the tiny models are O(1), so 1e-2 is about two bf16 steps, far below any real divergence
+# (a wrong mask or position moves logits by ~0.1-1).
+BF16_ATOL = 1e-2
+
+
+def save_tiny(config: PretrainedConfig, folder: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised fp32 model for ``config`` into ``folder`` (safetensors + config)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    return folder
+
+
+def positions_like_generate(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids exactly as transformers ``generate`` computes them from a 2-D padding mask."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 1)
+
+
+class SplitModel:
+    """Client part + a chain of spans, run in one process: what the swarm computes, minus the network."""
+
+    def __init__(self, family: ModelFamily, path: Path, cuts: list[int], dtype: torch.dtype = torch.float32):
+        config = load_config(path)
+        self.client: ClientPart = family.load_client(path, config, dtype)
+        self.spans: list[BlockSpan] = [
+            family.load_span(path, config, a, b, dtype) for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        ]
+
+    def new_caches(self, batch_size: int, max_length: int) -> list[SpanCache]:
+        return [span.new_cache(batch_size, max_length) for span in self.spans]
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, caches: list[SpanCache] | None
+    ) -> torch.Tensor:
+        """Logits for ``input_ids`` (the new tokens); ``attention_mask`` covers past + new tokens."""
+        length = input_ids.shape[1]
+        position_ids = positions_like_generate(attention_mask)[:, -length:]
+        hidden = self.client.embed(input_ids)
+        for i, span in enumerate(self.spans):
+            cache = caches[i] if caches is not None else None
+            hidden = span(hidden, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
+        return self.client.logits(hidden)
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        """Greedy decoding through the KV caches; returns prompt + new tokens like ``model.generate``."""
+        caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        tokens, mask = input_ids, attention_mask
+        logits = self.forward(input_ids, mask, caches)
+        for step in range(max_new_tokens):
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+            if step + 1 < max_new_tokens:
+                logits = self.forward(next_token, mask, caches)
+        return tokens
+
+
+def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def _reference_step(model, input_ids, attention_mask, cache):
+    length = input_ids.shape[1]
+    position_ids = positions_like_generate(attention_mask)[:, -length:]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+    )
+    return out.logits, out.cache
+
+
+@torch.no_grad()
+def assert_cached_decode_parity(
+    reference: torch.nn.Module,
+    split: SplitModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    steps: int = 16,
+    atol: float = FP32_ATOL,
+) -> None:
+    """Prefill then ``steps`` single-token steps through the KV cache; logits equal at every step."""
+    ref_logits, ref_cache = _reference_step(reference, input_ids, attention_mask, None)
+    caches = split.new_caches(input_ids.shape[0], input_ids.shape[1] + steps)
+    logits = split.forward(input_ids, attention_mask, caches)
+    _assert_close(logits, ref_logits, atol, "prefill", attention_mask)
+    mask = attention_mask
+    for step in range(steps):
+        token = ref_logits[:, -1].argmax(-1, keepdim=True)  # both sides decode the reference's token
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        ref_logits, ref_cache = _reference_step(reference, token, mask, ref_cache)
+        logits = split.forward(token, mask, caches)
+        _assert_close(logits, ref_logits, atol, f"decode step {step}", None)
+    assert all(c.length == input_ids.shape[1] + steps for c in caches)
+
+
+def _assert_close(got, want, atol, what, attention_mask) -> None:
+    if attention_mask is not None:  # logits at padding positions are meaningless; compare real tokens only
+        keep = attention_mask.bool()
+        got, want = got[keep], want[keep]
+    diff = (got.float() - want.float()).abs().max().item()
+    assert diff <= atol, f"{what}: split logits differ from transformers by {diff:.3g} (tolerance {atol})"
+
+
+def prompts(vocab_size: int, batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, length), generator=gen)
+    return ids, torch.ones_like(ids)
+
+
+def left_padded(vocab_size: int, lengths: list[int], pad_id: int = 0, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab_size, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def assert_generate_parity(reference, split: SplitModel, input_ids, attention_mask, max_new_tokens: int = 16):
+    want = reference.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        pad_token_id=0,
+    )
+    got = split.generate(input_ids, attention_mask, max_new_tokens)
+    assert torch.equal(got, want), (
+        f"greedy tokens differ:\n split {got.tolist()}\n transformers {want.tolist()}"
+    )
+
+
+def assert_family_parity(family: ModelFamily, path: Path, cuts: list[int]) -> None:
+    """The whole fp32 contract for one tiny checkpoint: cached decode, padding, greedy generation."""
+    config = load_config(path)
+    reference = load_reference(path)
+    split = SplitModel(family, path, cuts)
+    ids, mask = prompts(config.vocab_size, batch=1, length=7)
+    assert_cached_decode_parity(reference, split, ids, mask, steps=16)
+    ids, mask = left_padded(config.vocab_size, [5, 9, 3])
+    assert_cached_decode_parity(reference, split, ids, mask, steps=4)
+    assert_generate_parity(reference, split, ids, mask, max_new_tokens=8)
+    ids, mask = prompts(config.vocab_size, batch=1, length=6, seed=3)
+    assert_generate_parity(reference, split, ids, mask, max_new_tokens=16)

@@ -1,0 +1,133 @@
+"""LLaMA / Mistral adapter: split execution equals transformers (tiny random models, fp32 and bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bloombee_family_llama import LlamaFamily
+from family_helpers import (
+    BF16_ATOL,
+    SplitModel,
+    assert_cached_decode_parity,
+    assert_family_parity,
+    load_reference,
+    prompts,
+    save_tiny,
+)
+from transformers import LlamaConfig, MistralConfig
+
+from bloombee_core.family import TensorSource, load_config
+
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+CUTS = [0, 1, 3, 5]  # an uneven split: 0:1, 1:3, 3:5
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return save_tiny(LlamaConfig(**SMALL, tie_word_embeddings=False), tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory):
+    return save_tiny(LlamaConfig(**SMALL, tie_word_embeddings=True), tmp_path_factory.mktemp("llama_tied"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory):
+    # a window shorter than the prompts so the sliding-window mask and cache trimming really matter
+    config = MistralConfig(**SMALL, sliding_window=4, tie_word_embeddings=False)
+    return save_tiny(config, tmp_path_factory.mktemp("mistral"))
+
+
+def test_llama_split_equals_transformers(tiny_llama):
+    assert_family_parity(LlamaFamily(), tiny_llama, CUTS)
+
+
+def test_llama_tied_embeddings_split_equals_transformers(tiny_llama_tied):
+    split = SplitModel(LlamaFamily(), tiny_llama_tied, CUTS)
+    head = split.client.model.get_output_embeddings().weight
+    assert head is split.client.model.get_input_embeddings().weight
+    assert_family_parity(LlamaFamily(), tiny_llama_tied, CUTS)
+
+
+def test_mistral_sliding_window_split_equals_transformers(tiny_mistral):
+    assert_family_parity(LlamaFamily(), tiny_mistral, CUTS)
+
+
+def test_bf16_split_matches_transformers_bf16(tiny_llama):
+    reference = load_reference(tiny_llama, torch.bfloat16)
+    split = SplitModel(LlamaFamily(), tiny_llama, CUTS, dtype=torch.bfloat16)
+    ids, mask = prompts(SMALL["vocab_size"], batch=2, length=7)
+    assert_cached_decode_parity(reference, split, ids, mask, steps=16, atol=BF16_ATOL)
+
+
+def test_span_reads_only_its_own_tensors(tiny_llama, monkeypatch):
+    read: list[str] = []
+    original = TensorSource.read
+
+    def recording_read(self, name):
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(TensorSource, "read", recording_read)
+    config = load_config(tiny_llama)
+    per_layer = len(TensorSource(tiny_llama).names("model.layers.0."))
+    LlamaFamily().load_span(tiny_llama, config, 1, 3, torch.float32)
+    assert len(read) == 2 * per_layer
+    assert all(name.startswith(("model.layers.1.", "model.layers.2.")) for name in read)
+    read.clear()
+    LlamaFamily().load_client(tiny_llama, config, torch.float32)
+    assert sorted(read) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+
+
+def test_backward_through_span_matches_transformers(tiny_llama):
+    config = load_config(tiny_llama)
+    family = LlamaFamily()
+    client = family.load_client(tiny_llama, config, torch.float32)
+    spans = [
+        family.load_span(tiny_llama, config, a, b, torch.float32)
+        for a, b in zip(CUTS[:-1], CUTS[1:], strict=True)
+    ]
+    reference = load_reference(tiny_llama)
+    ids, mask = prompts(SMALL["vocab_size"], batch=2, length=6)
+    position_ids = torch.arange(6).expand(2, 6)
+
+    hidden = client.embed(ids)
+    for span in spans:
+        hidden = span(hidden, position_ids=position_ids, attention_mask=mask)
+    client.logits(hidden).square().mean().backward()
+    reference(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+
+    got = spans[1].layers[0].self_attn.q_proj.weight.grad
+    want = reference.model.layers[1].self_attn.q_proj.weight.grad
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_cache_limits_and_accounting(tiny_llama):
+    config = load_config(tiny_llama)
+    span = LlamaFamily().load_span(tiny_llama, config, 1, 3, torch.float32)
+    cache = span.new_cache(batch_size=2, max_length=8)
+    hidden = torch.randn(2, 8, config.hidden_size)
+    positions = torch.arange(8).expand(2, 8)
+    with torch.no_grad():
+        span(hidden, position_ids=positions, cache=cache)
+    assert cache.length == 8
+    assert 0 < cache.nbytes() <= span.cache_bytes(batch_size=2, max_length=8)
+    with pytest.raises(ValueError, match="cache was made for 8"):
+        span(hidden[:, :1], position_ids=positions[:, :1] + 8, cache=cache)
+    with pytest.raises(ValueError, match="hidden states must be"):
+        span(torch.randn(2, 3, 7), position_ids=positions[:, :3])
+
+
+def test_bad_span_is_a_clear_error(tiny_llama):
+    config = load_config(tiny_llama)
+    with pytest.raises(ValueError, match="outside the model's 5 blocks"):
+        LlamaFamily().load_span(tiny_llama, config, 3, 9, torch.float32)
