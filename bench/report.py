@@ -158,6 +158,10 @@ def render_section(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
         lines.append("")
     lines.append(render_table(results) if results else "_No results yet: run `python -m bench`._\n")
+    if meta.get("errors"):
+        lines.append("Failed in the last run (rows above are from earlier runs, if any):\n")
+        lines.extend(f"- {error}" for error in meta["errors"])
+        lines.append("")
     lines.append(END)
     return "\n".join(lines)
 

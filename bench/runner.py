@@ -1,0 +1,199 @@
+"""Scenarios and the sweep: local references first (quiet machine), then one swarm per model × split × link.
+
+Per swarm, every scenario runs ``runs`` times after a short warm-up; each run's time per decode step
+(total decode time / steps) or time to the first token is one sample. Σ compute for the floor comes
+from the same split run locally (:class:`bench.compute.LocalSplit`); the baseline is local transformers
+``generate`` of the whole model, both measured in the same process and the same sweep.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench.compute import LocalSplit, SplitCompute, load_reference, timed_generate
+from bench.floors import Link, decode_floor, parse_link, prefill_floor
+from bench.models import BenchModel, even_cuts, random_prompt, split_label
+from bench.report import make_result
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int  # 1 for prefill scenarios: the measured time is the time to the first token
+
+    @property
+    def per_step(self) -> bool:
+        return self.new_tokens > 1
+
+
+def scenarios(quick: bool = False) -> dict[str, Scenario]:
+    new = 8 if quick else 32
+    return {
+        "decode": Scenario("decode", 1, 16, new + 1),
+        "prefill128": Scenario("prefill128", 1, 128, 1),
+        "prefill2048": Scenario("prefill2048", 1, 2048, 1),
+        "batch16": Scenario("batch16", 16, 16, new + 1),
+    }
+
+
+def command_for(scenario: str, model: str, servers: int, link: str, runs: int, quick: bool) -> str:
+    extra = (" --quick" if quick else "") + (f" --runs {runs}" if runs != 3 else "")
+    return f"python -m bench --scenario {scenario} --model {model} --servers {servers} --link {link}{extra}"
+
+
+def sample(timing: Any, scenario: Scenario) -> float:
+    """One run's number: mean seconds per decode step, or seconds to the first token."""
+    if scenario.per_step:
+        return timing.decode_total_s / len(timing.step_s)
+    return timing.prefill_s
+
+
+class LocalReference:
+    """Baseline (local transformers) and Σ compute (the split run locally) for one model, cached."""
+
+    def __init__(self, model: BenchModel, runs: int) -> None:
+        self.model = model
+        self.runs = runs
+        self._reference: Any = None
+        self._baseline: dict[str, float] = {}
+        self._compute: dict[tuple[tuple[int, ...], str], float] = {}
+
+    def baseline(self, scenario: Scenario) -> float:
+        if scenario.name not in self._baseline:
+            if self._reference is None:
+                self._reference = load_reference(self.model)
+            ids = random_prompt(self.model.vocab_size, scenario.batch, scenario.prompt_tokens)
+            timed_generate(self._reference, ids, min(scenario.new_tokens, 3))  # warm-up
+            runs = [
+                sample(timed_generate(self._reference, ids, scenario.new_tokens), scenario)
+                for _ in range(self.runs)
+            ]
+            self._baseline[scenario.name] = statistics.median(runs)
+        return self._baseline[scenario.name]
+
+    def compute(self, cuts: list[int], scenario: Scenario) -> float:
+        key = (tuple(cuts), scenario.name)
+        if key not in self._compute:
+            split = LocalSplit(self.model, cuts)
+            ids = random_prompt(self.model.vocab_size, scenario.batch, scenario.prompt_tokens)
+            split.run(ids, min(scenario.new_tokens, 3))  # warm-up
+            runs = []
+            for _ in range(self.runs):
+                prefill, steps = split.run(ids, scenario.new_tokens)
+                runs.append(_mean_total(steps) if scenario.per_step else prefill.total_s)
+            self._compute[key] = statistics.median(runs)
+        return self._compute[key]
+
+
+def _mean_total(steps: list[SplitCompute]) -> float:
+    return sum(s.total_s for s in steps) / len(steps)
+
+
+def floor_for(model: BenchModel, scenario: Scenario, servers: int, link: Link, compute_s: float):
+    if scenario.per_step:
+        return decode_floor(servers, link, compute_s, model.hidden_size, model.itemsize, batch=scenario.batch)
+    return prefill_floor(
+        servers,
+        link,
+        compute_s,
+        scenario.prompt_tokens,
+        model.hidden_size,
+        model.itemsize,
+        batch=scenario.batch,
+    )
+
+
+@contextmanager
+def swarm_client(
+    model: BenchModel, cuts: list[int], link: Link, threads: int, ready_timeout: float
+) -> Iterator[Any]:
+    """A running swarm for ``cuts`` behind ``link`` and a client connected to it (both closed on exit)."""
+    from bench.swarm import BenchSwarm
+    from bloombee_core.client import AutoDistributedModelForCausalLM
+
+    with BenchSwarm(model.path, cuts, link, threads=threads) as swarm:
+        client = AutoDistributedModelForCausalLM.from_pretrained(
+            model.path, initial_peers=swarm.initial_peers, dtype=model.dtype
+        )
+        try:
+            _wait_until_served(client, model, swarm, ready_timeout)
+            yield client
+        finally:
+            for method in ("shutdown", "close"):
+                if callable(getattr(client, method, None)):
+                    getattr(client, method)()
+                    break
+
+
+def _wait_until_served(client: Any, model: BenchModel, swarm: Any, timeout: float) -> None:
+    """Servers announce themselves a moment after starting: retry a 2-token generation until it works."""
+    ids = random_prompt(model.vocab_size, 1, 4)
+    deadline = time.monotonic() + timeout
+    while True:
+        swarm.check_alive()
+        try:
+            timed_generate(client, ids, 2)
+            return
+        except Exception as exc:  # noqa: BLE001 - routing fails until every block is announced
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the swarm did not serve a generation within {timeout:.0f}s: {exc}"
+                ) from exc
+            time.sleep(1.0)
+
+
+def run_group(
+    model: BenchModel,
+    servers: int,
+    link_name: str,
+    chosen: list[Scenario],
+    local: LocalReference,
+    runs: int,
+    threads: int,
+    quick: bool,
+    on_row: Callable[[dict[str, Any]], None],
+    ready_timeout: float = 120.0,
+) -> None:
+    """Every chosen scenario on one swarm (model split over ``servers``, each behind ``link_name``)."""
+    link = parse_link(link_name)
+    cuts = even_cuts(model.num_blocks, servers)
+    # Local numbers first, while no swarm process competes for the CPU.
+    prepared = [(s, local.compute(cuts, s), local.baseline(s)) for s in chosen]
+    with swarm_client(model, cuts, link, threads, ready_timeout) as client:
+        for scenario, compute_s, baseline_s in prepared:
+            ids = random_prompt(model.vocab_size, scenario.batch, scenario.prompt_tokens)
+            if scenario.prompt_tokens <= 128:  # a full warm-up of a 2048-token prefill costs a whole run
+                timed_generate(client, ids, min(scenario.new_tokens, 2))
+            samples = [
+                sample(timed_generate(client, ids, scenario.new_tokens), scenario) for _ in range(runs)
+            ]
+            on_row(
+                make_result(
+                    scenario=scenario.name,
+                    model=model.key,
+                    model_label=model.label,
+                    servers=servers,
+                    split=split_label(cuts),
+                    link=link_name,
+                    batch=scenario.batch,
+                    prompt_tokens=scenario.prompt_tokens,
+                    new_tokens=scenario.new_tokens,
+                    runs_s=samples,
+                    floor=floor_for(model, scenario, servers, link, compute_s),
+                    baseline_s=baseline_s,
+                    command=command_for(scenario.name, model.key, servers, link_name, runs, quick),
+                )
+            )
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)

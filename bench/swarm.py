@@ -1,0 +1,189 @@
+"""A benchmark swarm on loopback: a bootstrap node and N servers, each server behind a WAN proxy.
+
+Every server listens on a private port and announces the port of its proxy (``--announce``), so every
+byte to or from a server crosses one emulated link. Each child runs in its own process group (its
+p2pd daemon and DHT fork included) and is stopped by that group's id: nothing else is touched, and
+nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.floors import Link
+
+READY = re.compile(r"bloombee-server-ready \{.*\}")  # printed by `bloombee serve` once it serves
+MADDR = re.compile(r"/ip4/[0-9.]+/tcp/\d+/p2p/[1-9A-HJ-NP-Za-km-z]{30,}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ChildError(RuntimeError):
+    """A child process died or never became ready; the message carries its log tail."""
+
+
+class Child:
+    """One child process in its own process group, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group: p2pd and DHT forks die with it
+        )
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise ChildError(
+                f"{self.name} exited with code {self.proc.returncode}; its log ({self.log_path}) ends with:\n"
+                f"{self.log_tail()}"
+            )
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float) -> str:
+        """Wait until the log matches ``pattern``; returns the first match."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = regex.search(self.log_tail(1_000_000))
+            if found:
+                return found.group(0)
+            self.check_alive()
+            time.sleep(0.1)
+        raise ChildError(
+            f"{self.name} printed no {regex.pattern!r} within {timeout:.0f}s; log:\n{self.log_tail()}"
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # The leader may be gone while its group (p2pd, DHT fork) lingers: clear the group too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+
+
+class BenchSwarm:
+    """Bootstrap + one server per span of ``cuts``, each behind a proxy with ``link``'s delay and cap."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        cuts: list[int],
+        link: Link,
+        dtype: str = "float32",
+        threads: int = 1,
+        log_dir: Path | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.model_path = model_path
+        self.cuts = cuts
+        self.link = link
+        self.dtype = dtype
+        self.threads = threads
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bloombee-bench-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.start_timeout = start_timeout
+        self.children: list[Child] = []
+        self.initial_peers: list[str] = []
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, [sys.executable, *args], self.log_dir, env)
+        self.children.append(child)
+        return child
+
+    def start(self) -> BenchSwarm:
+        try:
+            bootstrap = self._spawn("bootstrap", ["-m", "bloombee_core.cli", "bootstrap"])
+            self.initial_peers = [bootstrap.wait_for(MADDR, self.start_timeout)]
+            spans = list(zip(self.cuts[:-1], self.cuts[1:], strict=True))
+            server_ports = [free_port() for _ in spans]
+            proxy_ports = [free_port() for _ in spans]
+            pairs = [f"{p}:127.0.0.1:{s}" for p, s in zip(proxy_ports, server_ports, strict=True)]
+            mbit = [] if self.link.mbit is None else ["--mbit", f"{self.link.mbit:g}"]
+            proxies = self._spawn(
+                "proxies", ["-m", "bench.proxyhost", "--delay-ms", f"{self.link.delay_ms:g}", *mbit, *pairs]
+            )
+            proxies.wait_for(r"\bready\b", 30)
+            threads = str(self.threads)
+            env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            for i, ((a, b), sport, pport) in enumerate(zip(spans, server_ports, proxy_ports, strict=True)):
+                self._spawn(
+                    f"server{i}",
+                    [
+                        "-m", "bloombee_core.cli", "serve", str(self.model_path),
+                        "--initial-peers", *self.initial_peers,
+                        "--blocks", f"{a}:{b}",
+                        "--dtype", self.dtype,
+                        "--listen", f"/ip4/127.0.0.1/tcp/{sport}",
+                        "--announce", f"/ip4/127.0.0.1/tcp/{pport}",
+                    ],
+                    env,
+                )  # fmt: skip
+            for child, pport in zip(self.children[-len(spans) :], proxy_ports, strict=True):
+                self._check_behind_proxy(child, pport)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _check_behind_proxy(self, server: Child, proxy_port: int) -> None:
+        """Wait for the server's ready line and make sure it announces only its proxy's address."""
+        line = server.wait_for(READY, self.start_timeout)
+        addrs = json.loads(line.split(" ", 1)[1]).get("addrs", [])
+        if not addrs or any(f"/tcp/{proxy_port}/" not in a for a in addrs):
+            raise ChildError(
+                f"{server.name} announces {addrs}, not only its proxy (port {proxy_port}): traffic would bypass "
+                "the emulated link; check that `bloombee serve --announce` replaces the announced addresses"
+            )
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            child.check_alive()
+
+    def close(self) -> None:
+        # Servers first (they deregister), then the proxies and the bootstrap node.
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def __enter__(self) -> BenchSwarm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
