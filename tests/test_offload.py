@@ -1,0 +1,154 @@
+"""Offload policies on CPU: outputs stay bit-identical and the resident share is what was asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bloombee_family_llama import LlamaFamily
+from bloombee_offload import NoOffload, PercentOffload
+from family_helpers import save_tiny
+from pydantic import ValidationError
+from torch import nn
+from transformers import LlamaConfig
+
+from bloombee_core.family import BlockSpan, load_config
+from bloombee_core.offload import offload_plan, param_bytes
+
+CPU = torch.device("cpu")
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return save_tiny(config, tmp_path_factory.mktemp("offload") / "tiny-llama")
+
+
+def load_span(path: Path) -> BlockSpan:
+    return LlamaFamily().load_span(path, load_config(path), 0, LAYERS, torch.float32)
+
+
+@torch.no_grad()
+def run(span: BlockSpan) -> list[torch.Tensor]:
+    """Prefill of 5 tokens, then 3 cached single-token steps: every hidden state the span returns."""
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 5, 32)
+    cache = span.new_cache(batch_size=2, max_length=8)
+    positions = torch.arange(5).expand(2, 5)
+    outputs = [span(hidden, position_ids=positions, attention_mask=torch.ones(2, 5), cache=cache)]
+    for step in range(5, 8):
+        token = torch.randn(2, 1, 32)
+        mask = torch.ones(2, step + 1)
+        outputs.append(span(token, position_ids=torch.full((2, 1), step), attention_mask=mask, cache=cache))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> list[torch.Tensor]:
+    return run(load_span(checkpoint))
+
+
+@pytest.mark.parametrize("percent", [0, 37, 50, 100])
+def test_percent_on_cpu_keeps_outputs_bit_identical(
+    checkpoint: Path, reference: list[torch.Tensor], percent: int
+) -> None:
+    span = load_span(checkpoint)
+    pointers = [p.data_ptr() for p in span.parameters()]
+    policy = PercentOffload(PercentOffload.Options(weights_on_device=percent))
+    assert policy.apply(span, CPU) is span
+    for got, want in zip(run(span), reference, strict=True):
+        assert torch.equal(got, want)
+    # On CPU streaming must be a true no-op: the weights never move or get copied.
+    assert [p.data_ptr() for p in span.parameters()] == pointers
+
+
+def test_none_policy_keeps_everything_resident(checkpoint: Path, reference: list[torch.Tensor]) -> None:
+    span = NoOffload().apply(load_span(checkpoint), CPU)
+    plan = offload_plan(span)
+    assert plan is not None and plan.streamed_bytes == 0 and plan.resident_fraction == 1.0
+    assert plan.resident_bytes == sum(param_bytes(p) for p in span.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(run(span), reference, strict=True))
+
+
+def test_percent_accounting_follows_the_option(checkpoint: Path) -> None:
+    layer_bytes = [sum(param_bytes(p) for p in layer.parameters()) for layer in load_span(checkpoint).layers]
+    assert len(set(layer_bytes)) == 1  # identical layers: 50% is exactly the first two
+    total = sum(layer_bytes)
+    largest = max(param_bytes(p) for p in load_span(checkpoint).parameters())
+    for percent in (0, 10, 37, 50, 85, 100):
+        span = PercentOffload(PercentOffload.Options(weights_on_device=percent)).apply(
+            load_span(checkpoint), CPU
+        )
+        plan = offload_plan(span)
+        assert plan is not None and plan.total_bytes == total
+        # Never over budget, and short of it by less than one weight tensor.
+        assert total * percent // 100 - largest < plan.resident_bytes <= total * percent // 100
+    half = offload_plan(
+        PercentOffload(PercentOffload.Options(weights_on_device=50)).apply(load_span(checkpoint), CPU)
+    )
+    assert half is not None and half.resident_bytes == total // 2 and half.streamed_units == 2
+    nothing = offload_plan(
+        PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(load_span(checkpoint), CPU)
+    )
+    assert nothing is not None and nothing.resident_fraction == 0.0 and nothing.streamed_units == LAYERS
+
+
+def test_span_without_layers_uses_its_children_as_units() -> None:
+    torch.manual_seed(0)
+    span = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
+    x = torch.randn(3, 8)
+    want = span(x)
+    PercentOffload(PercentOffload.Options(weights_on_device=40)).apply(span, CPU)
+    plan = offload_plan(span)
+    assert plan is not None and plan.resident_bytes <= 0.4 * plan.total_bytes and plan.streamed_units >= 1
+    assert torch.equal(span(x), want)
+
+
+def test_policy_cannot_be_applied_twice(checkpoint: Path) -> None:
+    span = PercentOffload(PercentOffload.Options(weights_on_device=50)).apply(load_span(checkpoint), CPU)
+    with pytest.raises(ValueError, match="already applied"):
+        NoOffload().apply(span, CPU)
+
+
+def test_percent_option_is_validated() -> None:
+    for bad in [{"weights_on_device": 101}, {"weights_on_device": -1}, {"weights_on_gpu": 50}]:
+        with pytest.raises(ValidationError):
+            PercentOffload.Options(**bad)
+    assert PercentOffload().options.weights_on_device == 100
+
+
+def test_streamed_weights_visit_the_device_only_during_their_units_forward() -> None:
+    # The meta device stands in for a GPU: a real second device, on which forward runs shape-only.
+    meta = torch.device("meta")
+    span = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    PercentOffload(PercentOffload.Options(weights_on_device=34)).apply(span, meta)
+    resident = [all(p.device == meta for p in unit.parameters()) for unit in span]
+    assert resident == [True, False, False]
+    seen_during_forward: list[set[str]] = []
+    for unit in span:  # registered after the policy's hook, so it sees the loaded weights
+        unit.register_forward_pre_hook(
+            lambda module, args: seen_during_forward.append({p.device.type for p in module.parameters()})
+        )
+    out = span(torch.randn(3, 8, device=meta))
+    assert out.device == meta and out.shape == (3, 8)
+    assert seen_during_forward == [{"meta"}, {"meta"}, {"meta"}]
+    assert [p.device.type for p in span[2].parameters()] == ["cpu", "cpu"]  # released again
+
+
+def test_streaming_works_under_inference_mode() -> None:
+    meta = torch.device("meta")
+    span = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(span, meta)
+    with torch.inference_mode():
+        assert span(torch.randn(2, 8, device=meta)).shape == (2, 8)
+    assert all(p.device.type == "cpu" and p.requires_grad for p in span.parameters())
