@@ -1,0 +1,314 @@
+"""The public client: a transformers model whose blocks run on the swarm.
+
+``AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])`` loads only the client's
+share of the checkpoint (embeddings, final norm, LM head), joins the swarm, and returns a
+``PreTrainedModel`` + ``GenerationMixin``: its forward embeds locally, sends hidden states through a
+chain of servers, and computes logits locally, so transformers' own ``generate`` works unchanged.
+
+``generate`` keeps server-side KV caches in an inference session; the transformers ``Cache`` it sees
+(:class:`RemoteCache`) only tracks how many tokens the servers hold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RemoteCache(Cache):
+    """The transformers-facing side of an inference session: the servers hold the keys and values."""
+
+    is_compileable = False
+
+    def __init__(self, session: Any) -> None:  # no super().__init__: there are no local layers
+        self.session = session
+        self.layers = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported over the swarm yet; use greedy or sampling")
+
+    def __repr__(self) -> str:
+        return f"RemoteCache(position={self.session.position})"
+
+
+class InferenceSessionHandle:
+    """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
+        from bloombee_swarm.remote import InferenceSession
+
+        self.model = model
+        self.inner = InferenceSession(model.swarm, max_length)
+
+    @property
+    def position(self) -> int:
+        return self.inner.position
+
+    @property
+    def route(self) -> list[Any]:
+        return self.inner.route
+
+    def step(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.model.loop.run(self.inner.step(hidden, position_ids, mask))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    """Stateless forward through the swarm, with backward computed by the servers."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, position_ids: Any, mask: Any, model: Any) -> torch.Tensor:
+        out, record = model.loop.run(model.swarm.forward(hidden.detach(), position_ids, mask))
+        ctx.model, ctx.record, ctx.position_ids, ctx.mask = model, record, position_ids, mask
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        model = ctx.model
+        grad_in = model.loop.run(
+            model.swarm.backward(ctx.record, grad.contiguous(), ctx.position_ids, ctx.mask)
+        )
+        return grad_in.to(grad.dtype), None, None, None
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+    base_model_prefix = "client"
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+
+    def __init__(self, config: PretrainedConfig, client: Any, swarm: Any, loop: Any, owner: Any) -> None:
+        super().__init__(config)
+        self.client = client
+        self.swarm = swarm
+        self.loop = loop
+        self._owner = owner
+        self._session: InferenceSessionHandle | None = None
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.client.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.client.model.get_output_embeddings()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:  # weights come from the checkpoint only
+        pass
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSessionHandle]:
+        """Keep server-side KV caches for up to ``max_length`` tokens across ``generate``/forward calls."""
+        if self._session is not None:
+            raise RuntimeError("an inference session is already active on this model")
+        session = InferenceSessionHandle(self, max_length)
+        self._session = session
+        try:
+            yield session
+        finally:
+            self._session = None
+            session.close()
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            return super().generate(inputs, *args, **kwargs)
+        if self._session is not None:
+            return super().generate(inputs, *args, cache=RemoteCache(self._session), **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        length = ids.shape[1] if ids is not None else 1
+        with self.inference_session(max_length=self._max_length(length, kwargs)) as session:
+            return super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
+
+    def _max_length(self, prompt_length: int, kwargs: dict[str, Any]) -> int:
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_new_tokens") is not None:
+            return prompt_length + int(kwargs["max_new_tokens"])
+        if kwargs.get("max_length") is not None:
+            return int(kwargs["max_length"])
+        if config.max_new_tokens is not None:
+            return prompt_length + int(config.max_new_tokens)
+        return max(int(config.max_length or 20), prompt_length + 1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.client.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden.shape[:2]
+        session = cache.session if isinstance(cache, RemoteCache) else self._session
+        past = session.position if session is not None else 0
+        if position_ids is None:
+            # what the transformers model does without explicit positions (generate always passes them)
+            position_ids = torch.arange(past, past + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, past+tokens], got shape {list(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(torch.int64) if attention_mask is not None else None
+        if session is not None:
+            with torch.no_grad():
+                out = session.step(hidden.detach(), position_ids.to(torch.int64), mask).to(hidden.dtype)
+        else:
+            out = _RemoteBlocks.apply(hidden, position_ids.to(torch.int64), mask, self)
+        if isinstance(logits_to_keep, int):
+            kept = out[:, -logits_to_keep:, :] if logits_to_keep else out
+        else:
+            kept = out[:, logits_to_keep, :]
+        logits = self.client.logits(kept)
+        loss = None
+        if labels is not None:
+            shifted = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def close(self) -> None:
+        """Leave the swarm (stops this client's DHT node and its p2pd)."""
+        self._owner.close()
+
+
+class _SwarmMembership:
+    """Owns a client's transport and event loop; closing twice is harmless."""
+
+    def __init__(self, transport: Any, loop: Any) -> None:
+        self.transport, self.loop, self.closed = transport, loop, False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.run(self.transport.shutdown(), timeout=20)
+        finally:
+            self.loop.stop()
+
+
+class AutoDistributedModelForCausalLM:
+    """Factory: ``from_pretrained(path, initial_peers=[...], dtype=...)``."""
+
+    @staticmethod
+    def from_pretrained(
+        path: str | Path,
+        initial_peers: Sequence[str] = (),
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        plugins: Any = None,
+        transport: Any = None,
+        compressor: Any = None,
+        timeout: float = 60.0,
+        max_retries: int = 6,
+        **_: Any,
+    ) -> DistributedModelForCausalLM:
+        from bloombee_swarm.aio import LoopThread
+        from bloombee_swarm.records import model_key
+        from bloombee_swarm.remote import SwarmClient
+
+        from bloombee_core.family import load_config
+        from bloombee_core.model_files import resolve_model
+        from bloombee_core.plugins import load_plugins
+
+        if isinstance(dtype, str):
+            dtype = DTYPES[dtype]
+        if not initial_peers:
+            raise ValueError(
+                "initial_peers is empty: pass the multiaddr printed by `bloombee bootstrap` or a server"
+            )
+        folder = resolve_model(str(path))
+        config = load_config(folder)
+        plugins = plugins if plugins is not None else load_plugins()
+        family = plugins.family_for(config)
+        client_part = family.load_client(folder, config, dtype)
+        transport = transport if transport is not None else plugins.create("transports", "hivemind")
+        loop = LoopThread("bloombee-client")
+        try:
+            loop.run(transport.start(initial_peers=list(initial_peers), client_mode=True))
+        except BaseException:
+            loop.stop()
+            raise
+        owner = _SwarmMembership(transport, loop)
+        weakref.finalize(owner, _close_quietly, transport, loop)
+        atexit.register(owner.close)
+        swarm = SwarmClient(
+            transport,
+            model_key(config),
+            family.num_blocks(config),
+            family.allowed_cuts(config),
+            codec=compressor if compressor is not None else _raw(),
+            compressors=_all_compressors(plugins),
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        config = copy.deepcopy(config)
+        model = DistributedModelForCausalLM(config, client_part, swarm, loop, owner)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except OSError:
+            model.generation_config = GenerationConfig.from_model_config(config)
+        return model.eval()
+
+
+def _raw() -> Any:
+    from bloombee_swarm.wire import RAW
+
+    return RAW
+
+
+def _all_compressors(plugins: Any) -> dict[str, Any]:
+    out = {}
+    for name, cls in plugins.classes("compressors").items():
+        try:
+            out[name] = cls()
+        except Exception:  # noqa: BLE001 - needs options; only usable when chosen explicitly
+            pass
+    return out
+
+
+def _close_quietly(transport: Any, loop: Any) -> None:
+    try:
+        if loop.loop.is_running():
+            loop.run(transport.shutdown(), timeout=10)
+            loop.stop()
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+        pass

@@ -1,0 +1,78 @@
+"""One generation through the swarm with tokens streamed to the terminal (``bloombee generate``, jobs)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import torch
+
+
+def generate_text(
+    model_path: str,
+    initial_peers: list[str],
+    prompt: str,
+    *,
+    max_new_tokens: int = 32,
+    dtype: str = "float32",
+    chat: bool = True,
+    decoding: Any = None,
+    plugins: Any = None,
+    compressor: Any = None,
+    out: TextIO | None = None,
+) -> str:
+    from transformers import AutoTokenizer
+
+    from bloombee_core.client import AutoDistributedModelForCausalLM
+    from bloombee_core.model_files import resolve_model
+
+    out = out or sys.stdout
+    folder = resolve_model(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        folder, initial_peers, dtype=dtype, plugins=plugins, compressor=compressor
+    )
+    try:
+        if chat and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        inputs = tokenizer(text, return_tensors="pt")
+        streamer = _Streamer(tokenizer, out)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens, streamer=streamer, attention_mask=inputs["attention_mask"]
+        )
+        if decoding is not None:
+            with torch.no_grad():
+                ids = decoding.generate(model, inputs["input_ids"], **kwargs)
+        else:
+            with torch.no_grad():
+                ids = model.generate(inputs["input_ids"], do_sample=False, **kwargs)
+        out.write("\n")
+        out.flush()
+        return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        model.close()
+
+
+class _Streamer:
+    """Prints tokens as they arrive (the prompt is skipped)."""
+
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        from transformers import TextStreamer
+
+        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.inner.on_finalized_text = self._write
+        self.out = out
+
+    def _write(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def put(self, value: torch.Tensor) -> None:
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()

@@ -1,0 +1,154 @@
+"""DHT records: what a server announces, under which keys, and how a client reads the swarm's state.
+
+Keys (values expire; servers refresh them every ``ttl / 3`` seconds):
+
+* ``bloombee.models`` — subkey: model key; value: ``{"name", "family", "num_blocks"}`` (for ``status``).
+* ``<model key>.block.<i>`` — subkey: server peer id; value: a :class:`ServerRecord` as a map.
+
+The model key is the family's model type plus a hash of the checkpoint's config, so servers and clients
+that loaded the same model meet under the same keys wherever the files live on their disks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bloombee_core.transport import Transport
+
+MODELS_KEY = "bloombee.models"
+# config keys that differ between copies of one model (where it was saved, by which version, in what dtype)
+_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "_commit_hash", "architectures"}
+
+
+def model_key(config: Any) -> str:
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{config.model_type}-{digest}"
+
+
+def block_key(model: str, index: int) -> str:
+    return f"{model}.block.{index}"
+
+
+@dataclass
+class ServerRecord:
+    """What one server announces for each block it hosts."""
+
+    peer: str
+    start: int
+    end: int
+    throughput: float  # tokens per second through the whole span, measured at start
+    cache_left: int  # bytes of KV-cache budget not yet promised to sessions
+    dtype: str
+    family: str
+    version: str
+    public_name: str = ""
+    state: str = "online"  # "online" | "offline" (announced on a clean shutdown)
+    addrs: list[str] = field(default_factory=list)
+
+    def to_value(self) -> dict[str, Any]:
+        value = asdict(self)
+        value.pop("peer")
+        return value
+
+    @classmethod
+    def from_value(cls, peer: str, value: Any) -> ServerRecord | None:
+        """Parse a record from the DHT; anything malformed (another version, a bad peer) is ignored."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            record = cls(
+                peer=peer,
+                start=int(value["start"]),
+                end=int(value["end"]),
+                throughput=float(value["throughput"]),
+                cache_left=int(value["cache_left"]),
+                dtype=str(value["dtype"]),
+                family=str(value["family"]),
+                version=str(value["version"]),
+                public_name=str(value.get("public_name", "")),
+                state=str(value.get("state", "online")),
+                addrs=[str(a) for a in value.get("addrs", [])][:8],
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return record if 0 <= record.start < record.end else None
+
+
+async def announce(
+    transport: Transport,
+    model: str,
+    record: ServerRecord,
+    ttl: float,
+    model_info: dict[str, Any],
+) -> bool:
+    """Store ``record`` under every block of its span (and the model under the models key)."""
+    expiration = transport.now() + ttl
+    results = [await transport.store(MODELS_KEY, model, model_info, expiration)]
+    for index in range(record.start, record.end):
+        results.append(
+            await transport.store(block_key(model, index), record.peer, record.to_value(), expiration)
+        )
+    return all(results)
+
+
+async def fetch_servers(transport: Transport, model: str, num_blocks: int) -> dict[str, ServerRecord]:
+    """Online servers of ``model`` by peer id (a record counts if at least one of its block keys has it)."""
+    found = await transport.get_many([block_key(model, i) for i in range(num_blocks)])
+    servers: dict[str, ServerRecord] = {}
+    for index, entries in enumerate(found.values()):
+        for peer, item in entries.items():
+            record = ServerRecord.from_value(peer, item.value)
+            if record is None or record.state != "online" or not record.start <= index < record.end:
+                continue
+            if record.end > num_blocks:
+                continue
+            servers.setdefault(peer, record)
+    return servers
+
+
+async def fetch_models(transport: Transport) -> dict[str, dict[str, Any]]:
+    found = await transport.get_many([MODELS_KEY])
+    out = {}
+    for key, item in found[MODELS_KEY].items():
+        value = item.value
+        if (
+            isinstance(value, dict)
+            and isinstance(value.get("num_blocks"), int)
+            and 0 < value["num_blocks"] < 10_000
+        ):
+            out[key] = value
+    return out
+
+
+def coverage(servers: Sequence[ServerRecord], num_blocks: int) -> list[int]:
+    """How many servers host each block."""
+    counts = [0] * num_blocks
+    for record in servers:
+        for index in range(max(record.start, 0), min(record.end, num_blocks)):
+            counts[index] += 1
+    return counts
+
+
+def least_served_span(counts: Sequence[int], length: int, cuts: Sequence[int]) -> tuple[int, int]:
+    """The span of ``length`` blocks whose least-served block is served least (ties: fewest servers in
+    total, then the first); spans start and end only at allowed ``cuts``."""
+    num_blocks = len(counts)
+    length = min(length, num_blocks)
+    allowed = set(cuts)
+    best: tuple[tuple[int, int, int], tuple[int, int]] | None = None
+    for start in range(0, num_blocks - length + 1):
+        end = start + length
+        if start not in allowed or end not in allowed:
+            continue
+        window = counts[start:end]
+        score = (max(window), sum(window), start)
+        if best is None or score < best[0]:
+            best = (score, (start, end))
+    if best is None:
+        raise ValueError(f"no span of {length} blocks starts and ends at allowed cuts {list(cuts)}")
+    return best[1]

@@ -1,0 +1,364 @@
+"""The client's side of the swarm: finding servers, calling them, and inference sessions that survive
+server failures.
+
+:class:`SwarmClient` knows the servers of one model (from the DHT), their measured round-trip times and
+the ban list; it routes chains and makes stateless forward/backward calls with retries.
+:class:`InferenceSession` keeps one server-side session per hop of a chain. It records every input it
+sent to each hop; when a hop fails it bans the server, routes a replacement chain for exactly those
+blocks, replays the recorded inputs step by step (same shapes, so the rebuilt KV cache is the same),
+and carries on — the output does not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bloombee_core.transport import FrameStream, Transport, TransportError
+from bloombee_swarm import wire
+from bloombee_swarm.records import ServerRecord, fetch_servers
+from bloombee_swarm.routing import BanList, Hop, NoRouteError, plan_route
+from bloombee_swarm.wire import ProtocolError
+
+logger = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]
+
+
+class RemoteError(RuntimeError):
+    """A server refused a request; ``code`` says whether another server may do better."""
+
+    def __init__(self, peer: str, message: str, code: str) -> None:
+        super().__init__(f"server {peer} refused the request: {message}")
+        self.peer, self.code = peer, code
+
+
+RETRYABLE = (TransportError, ProtocolError, TimeoutError, ConnectionError)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, RETRYABLE) or (isinstance(exc, RemoteError) and exc.code != "bad_request")
+
+
+async def request(
+    stream: FrameStream,
+    header: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor] | None,
+    codec: Any,
+    codecs: Any,
+) -> tuple[dict[str, Any], Tensors]:
+    """Send one message and read its reply (raising :class:`RemoteError` for an error reply)."""
+    await wire.send(stream, header, tensors, codec)
+    reply = await wire.read_header(stream)
+    if reply is None:
+        raise TransportError(f"server {stream.peer} closed the stream without answering")
+    head, metas = reply
+    if not head.get("ok", False):
+        raise RemoteError(
+            stream.peer, str(head.get("error", "no reason given")), str(head.get("code", "internal"))
+        )
+    return head, await wire.read_tensors(stream, metas, codecs, 1 << 31)
+
+
+class SwarmClient:
+    def __init__(
+        self,
+        transport: Transport,
+        model: str,
+        num_blocks: int,
+        cuts: list[int],
+        *,
+        codec: Any = wire.RAW,
+        compressors: Mapping[str, Any] | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 6,
+        refresh_every: float = 5.0,
+    ) -> None:
+        self.transport = transport
+        self.model, self.num_blocks, self.cuts = model, num_blocks, cuts
+        self.codec, self.codecs = codec, wire.codec_table(compressors)
+        self.timeout, self.max_retries, self.refresh_every = timeout, max_retries, refresh_every
+        self.bans = BanList()
+        self.rtt: dict[str, float] = {}
+        self.servers: dict[str, ServerRecord] = {}
+        self._fetched_at = 0.0
+
+    # ---- discovery and routing -------------------------------------------------------------------
+    async def refresh(self, force: bool = False) -> dict[str, ServerRecord]:
+        if force or time.monotonic() - self._fetched_at > self.refresh_every:
+            self.servers = await fetch_servers(self.transport, self.model, self.num_blocks)
+            self._fetched_at = time.monotonic()
+        return self.servers
+
+    async def ping(self, peer: str) -> float:
+        begin = time.perf_counter()
+        stream = await self.transport.connect(peer, wire.PROTOCOL)
+        try:
+            await asyncio.wait_for(request(stream, {"type": "info"}, None, wire.RAW, self.codecs), 5.0)
+        finally:
+            stream.close()
+        self.rtt[peer] = time.perf_counter() - begin
+        return self.rtt[peer]
+
+    async def route(self, start: int, end: int) -> list[Hop]:
+        """The cheapest chain for blocks ``start:end``, measuring servers' latency the first time."""
+        for attempt in range(3):
+            servers = await self.refresh(force=attempt > 0)
+            fresh = [p for p in servers if p not in self.rtt and p not in self.bans.banned()]
+            results = await asyncio.gather(*(self.ping(p) for p in fresh), return_exceptions=True)
+            for peer, result in zip(fresh, results, strict=True):
+                if isinstance(result, BaseException):
+                    logger.info("server %s does not answer (%s); banning it for a while", peer, result)
+                    self.bans.ban(peer)
+            try:
+                return plan_route(servers, start, end, self.cuts, self.rtt, self.bans.banned())
+            except NoRouteError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
+
+    def fail(self, peer: str, exc: BaseException) -> None:
+        seconds = self.bans.ban(peer)
+        self.rtt.pop(peer, None)
+        logger.warning("server %s failed (%s); banned for %.0fs, re-routing", peer, exc, seconds)
+
+    async def backoff(self, attempt: int) -> None:
+        await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+
+    # ---- stateless calls -------------------------------------------------------------------------
+    async def _call_span(
+        self, kind: str, start: int, end: int, tensors: Tensors, out_name: str
+    ) -> torch.Tensor:
+        """Run blocks ``start:end`` statelessly, re-routing around failing servers."""
+        position = start
+        current = tensors
+        attempt = 0
+        while position < end:
+            hops = await self.route(position, end)
+            hop = hops[0]
+            try:
+                stream = await self.transport.connect(hop.peer, wire.PROTOCOL)
+                try:
+                    header = {"type": kind, "start": hop.start, "end": hop.end}
+                    _, out = await asyncio.wait_for(
+                        request(stream, header, current, self.codec, self.codecs), self.timeout
+                    )
+                finally:
+                    stream.close()
+            except Exception as exc:
+                if not _retryable(exc) or attempt >= self.max_retries:
+                    raise
+                self.fail(hop.peer, exc)
+                await self.backoff(attempt)
+                attempt += 1
+                continue
+            current = {**current, "hidden": out[out_name]}
+            position = hop.end
+        return current["hidden"]
+
+    async def forward(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> Any:
+        """Hidden states through every block; also returns each hop's (start, end, input) for backward."""
+        tensors = _inputs(hidden, position_ids, mask)
+        hops = await self.route(0, self.num_blocks)
+        record = []
+        for hop in hops:
+            record.append((hop.start, hop.end, tensors["hidden"]))
+            out = await self._call_span("forward", hop.start, hop.end, tensors, "hidden")
+            tensors = {**tensors, "hidden": out}
+        return tensors["hidden"], record
+
+    async def backward(
+        self,
+        record: list[tuple[int, int, torch.Tensor]],
+        grad: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: Any,
+    ) -> torch.Tensor:
+        for start, end, hidden in reversed(record):
+            tensors = {**_inputs(hidden, position_ids, mask), "grad": grad}
+            hops = await self.route(start, end)
+            if len(hops) != 1:  # the span is now served in pieces: recompute the inputs of each piece
+                raise NotImplementedError("backward across a re-split span is not supported yet")
+            grad = await self._call_span("backward", start, end, tensors, "grad")
+        return grad
+
+
+def _inputs(hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> Tensors:
+    tensors = {"hidden": hidden, "position_ids": position_ids.to(torch.int64)}
+    if mask is not None:
+        tensors["attention_mask"] = mask.to(torch.int64)
+    return tensors
+
+
+class HopSession:
+    """One server-side session: blocks ``hop.start:hop.end`` on ``hop.peer``."""
+
+    def __init__(self, hop: Hop) -> None:
+        self.hop = hop
+        self.id = secrets.token_hex(12)
+        self.stream: FrameStream | None = None
+        self.history: list[Tensors] = []  # every input sent, for replay on another server
+        self.steps = 0
+
+    def push_ref(self) -> dict[str, str]:
+        return {"peer": self.hop.peer, "session_id": self.id}
+
+    async def open(self, client: SwarmClient, batch: int, max_length: int, push: dict | None) -> None:
+        self.stream = await client.transport.connect(self.hop.peer, wire.PROTOCOL)
+        header = {
+            "type": "open",
+            "session_id": self.id,
+            "start": self.hop.start,
+            "end": self.hop.end,
+            "batch_size": batch,
+            "max_length": max_length,
+            "push": push,
+        }
+        await asyncio.wait_for(request(self.stream, header, None, wire.RAW, client.codecs), client.timeout)
+
+    async def step(self, client: SwarmClient, tensors: Tensors) -> torch.Tensor:
+        assert self.stream is not None
+        header = {"type": "step", "step": self.steps}
+        head, out = await asyncio.wait_for(
+            request(self.stream, header, tensors, client.codec, client.codecs), client.timeout
+        )
+        if head.get("step") != self.steps or "hidden" not in out:
+            raise ProtocolError(
+                f"server {self.hop.peer} answered step {head.get('step')!r}, expected {self.steps}"
+            )
+        self.steps += 1
+        self.history.append(tensors)
+        return out["hidden"]
+
+    async def set_push(self, push: dict | None) -> None:
+        if self.stream is not None:
+            await wire.send(self.stream, {"type": "route", "push": push})
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+class InferenceSession:
+    """A chain of server sessions that keep KV caches across steps (see the module docstring)."""
+
+    def __init__(self, client: SwarmClient, max_length: int) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.batch: int | None = None
+        self.hops: list[HopSession] = []
+        self.position = 0  # tokens processed so far
+        self.closed = False
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self.hops]
+
+    async def _open_chain(self, start: int, end: int, after: HopSession | None) -> list[HopSession]:
+        hops = [HopSession(h) for h in await self.client.route(start, end)]
+        pushes = [h.push_ref() for h in hops[1:]] + [after.push_ref() if after else None]
+        opened = await asyncio.gather(
+            *(h.open(self.client, self.batch, self.max_length, p) for h, p in zip(hops, pushes, strict=True)),
+            return_exceptions=True,
+        )
+        failures = [(h, r) for h, r in zip(hops, opened, strict=True) if isinstance(r, BaseException)]
+        if failures:
+            for h in hops:
+                h.close()
+            for h, exc in failures:
+                if _retryable(exc):
+                    self.client.fail(h.hop.peer, exc)
+            raise failures[0][1]
+        return hops
+
+    async def step(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        batch, length = hidden.shape[:2]
+        if self.batch is None:
+            self.batch = batch
+        elif batch != self.batch:
+            raise ValueError(f"this inference session runs batch size {self.batch}, got {batch}")
+        if self.position + length > self.max_length:
+            raise ValueError(
+                f"the session was opened for max_length={self.max_length} tokens; {self.position} are used and "
+                f"{length} more were given. Open inference_session(max_length=...) with a larger limit"
+            )
+        if not self.hops:
+            self.hops = await self._with_retries(lambda: self._open_chain(0, self.client.num_blocks, None))
+        tensors = _inputs(hidden, position_ids, mask)
+        index, attempt = 0, 0
+        while index < len(self.hops):
+            hop = self.hops[index]
+            try:
+                out = await hop.step(self.client, tensors)
+            except Exception as exc:
+                if not _retryable(exc) or attempt >= self.client.max_retries:
+                    raise
+                self.client.fail(hop.hop.peer, exc)
+                await self.client.backoff(attempt)
+                attempt += 1
+                await self._replace(index)
+                continue
+            tensors = {**tensors, "hidden": out}
+            index += 1
+        self.position += length
+        return tensors["hidden"]
+
+    async def _replace(self, index: int) -> None:
+        """Swap hop ``index`` for a fresh chain over its blocks and rebuild its cache by replay."""
+        old = self.hops[index]
+        old.close()
+        after = self.hops[index + 1] if index + 1 < len(self.hops) else None
+        start, end = old.hop.start, old.hop.end
+        for attempt in range(self.client.max_retries + 1):
+            new = await self._with_retries(lambda: self._open_chain(start, end, after))
+            try:
+                for inputs in old.history:
+                    current = inputs
+                    for hop in new:
+                        failing = hop
+                        current = {**current, "hidden": await hop.step(self.client, current)}
+            except Exception as exc:
+                for hop in new:
+                    hop.close()
+                if not _retryable(exc) or attempt >= self.client.max_retries:
+                    raise
+                self.client.fail(failing.hop.peer, exc)
+                await self.client.backoff(attempt)
+                continue
+            self.hops[index : index + 1] = new
+            if index > 0:
+                try:
+                    await self.hops[index - 1].set_push(new[0].push_ref())
+                except Exception:  # noqa: BLE001 - push is an optimisation; the next step notices failures
+                    pass
+            logger.info("re-routed blocks %d:%d through %s", start, end, [h.hop for h in new])
+            return
+
+    async def _with_retries(self, make: Any) -> Any:
+        for attempt in range(self.client.max_retries + 1):
+            try:
+                return await make()
+            except Exception as exc:
+                if not _retryable(exc) or attempt >= self.client.max_retries:
+                    raise
+                logger.warning("opening a session failed (%s); retrying", exc)
+            await self.client.backoff(attempt)
+
+    def close(self) -> None:
+        for hop in self.hops:
+            hop.close()
+        self.hops = []
+        self.closed = True

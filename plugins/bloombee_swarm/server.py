@@ -1,0 +1,518 @@
+"""The server runtime: hosts one span of blocks, announces it, and serves forward, backward, inference
+and push requests over one stream protocol (:data:`bloombee_swarm.wire.PROTOCOL`).
+
+A stream starts with a request header whose ``type`` decides what the stream is:
+
+* ``info`` / ``forward`` / ``backward``: request-response pairs, repeated until the client closes.
+* ``open``: an inference session. Then ``step`` messages (hidden states + positions + mask), each
+  answered with the span's output, and ``route`` messages that change where outputs are pushed.
+  The KV cache lives as long as the stream; the session reserves its worst-case cache size from the
+  server's budget when it opens (no room: a ``busy`` error, never an out-of-memory crash).
+* ``push``: another server delivering a step's input for one of our sessions (server->server push).
+
+Every size, shape and dtype is checked against the session and the server's limits before a payload is
+read. A bad request gets an error reply naming what was wrong, then its stream is closed; nothing
+else is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bloombee_core.transport import FrameStream, Transport, TransportError
+from bloombee_swarm import wire
+from bloombee_swarm.records import ServerRecord, announce
+from bloombee_swarm.wire import ProtocolError, TensorMeta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_batch: int = 64
+    max_length: int = 8192  # tokens a session may hold
+    max_tokens: int = 16384  # batch * tokens in one request
+    max_tensor_bytes: int = 256 << 20
+    max_sessions: int = 256
+    max_pending_steps: int = 8
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``code`` is ``bad_request`` or ``busy``."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    id: str
+    span: Any  # BlockSpan view for the requested blocks
+    cache: Any
+    batch: int
+    max_length: int
+    reserved: int
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    next_step: int = 0
+    push_target: tuple[str, str] | None = None
+    push_stream: FrameStream | None = None
+    push_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class SpanServer:
+    def __init__(
+        self,
+        transport: Transport,
+        span: Any,
+        *,
+        model: str,
+        model_info: dict[str, Any],
+        family: str,
+        cuts: list[int],
+        dtype: torch.dtype,
+        cache_budget: int,
+        compressors: dict[str, Any] | None = None,
+        output_codec: Any = wire.RAW,
+        public_name: str = "",
+        version: str = "",
+        limits: Limits | None = None,
+        ttl: float = 30.0,
+    ) -> None:
+        self.transport = transport
+        self.span = span
+        self.span.requires_grad_(False)
+        self.model, self.model_info, self.family = model, model_info, family
+        self.cuts = set(cuts)
+        self.dtype = dtype
+        self.hidden_size = int(span.config.hidden_size)
+        self.cache_budget, self.cache_used = cache_budget, 0
+        self.codecs = wire.codec_table(compressors)
+        self.output_codec = output_codec
+        self.public_name, self.version = public_name, version
+        self.limits = limits or Limits()
+        self.ttl = ttl
+        self.sessions: dict[str, Session] = {}
+        self.throughput = 0.0
+        self._views: dict[tuple[int, int], Any] = {}
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="bloombee-compute")
+        self._announcer: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.throughput = await loop.run_in_executor(self._compute, self._measure_throughput)
+        await self.transport.serve(wire.PROTOCOL, self._handle)
+        await self._announce()
+        self._announcer = asyncio.create_task(self._announce_forever())
+
+    async def stop(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+        try:
+            await asyncio.wait_for(self._announce(state="offline"), 5)
+        except Exception:  # noqa: BLE001 - best effort: the records expire anyway
+            pass
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def record(self, state: str = "online") -> ServerRecord:
+        return ServerRecord(
+            peer=self.transport.peer_id,
+            start=self.span.start,
+            end=self.span.end,
+            throughput=self.throughput,
+            cache_left=self.cache_budget - self.cache_used,
+            dtype=str(self.dtype).removeprefix("torch."),
+            family=self.family,
+            version=self.version,
+            public_name=self.public_name,
+            state=state,
+        )
+
+    async def _announce(self, state: str = "online") -> None:
+        ttl = self.ttl if state == "online" else 5.0
+        ok = await announce(self.transport, self.model, self.record(state), ttl, self.model_info)
+        if not ok:
+            logger.warning("could not store every DHT record; retrying at the next refresh")
+
+    async def _announce_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self._announce()
+            except Exception:  # noqa: BLE001 - keep serving; the next refresh may work
+                logger.exception("announcing to the DHT failed")
+
+    def _measure_throughput(self, steps: int = 4) -> float:
+        """Tokens per second through the span in batch-1 decoding, measured once at start."""
+        hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype)
+        cache = self.span.new_cache(1, steps + 1)
+        with torch.inference_mode():
+            self.span(hidden, position_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache)
+            begin = time.perf_counter()
+            for i in range(steps):
+                self.span(hidden, position_ids=torch.full((1, 1), i + 1, dtype=torch.long), cache=cache)
+        return steps / max(time.perf_counter() - begin, 1e-6)
+
+    # ---- dispatch --------------------------------------------------------------------------------
+    async def _handle(self, stream: FrameStream) -> None:
+        try:
+            while True:
+                message = await wire.read_header(stream)
+                if message is None:
+                    return
+                header, metas = message
+                kind = header.get("type")
+                if kind == "info":
+                    await wire.send(stream, {"ok": True, **self.info()})
+                elif kind == "forward":
+                    await self._forward(stream, header, metas)
+                elif kind == "backward":
+                    await self._backward(stream, header, metas)
+                elif kind == "open":
+                    await self._inference(stream, header)
+                    return
+                elif kind == "push":
+                    await self._push_stream(stream, header, metas)
+                    return
+                else:
+                    raise RequestError(
+                        f"unknown request type {kind!r}; expected info, forward, backward, open or push"
+                    )
+        except (ProtocolError, RequestError) as exc:
+            code = getattr(exc, "code", "bad_request")
+            logger.info("refused a request from %s: %s", stream.peer, exc)
+            await _reply_error(stream, str(exc), code)
+        except TransportError as exc:
+            logger.debug("stream from %s ended: %s", stream.peer, exc)
+        except Exception as exc:  # noqa: BLE001 - a failing request must not take the server down
+            logger.exception("request from %s failed", stream.peer)
+            await _reply_error(stream, f"internal server error: {type(exc).__name__}: {exc}", "internal")
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "peer": self.transport.peer_id,
+            "model": self.model,
+            "start": self.span.start,
+            "end": self.span.end,
+            "family": self.family,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "cache_left": self.cache_budget - self.cache_used,
+            "throughput": self.throughput,
+            "version": self.version,
+            "sessions": len(self.sessions),
+        }
+
+    # ---- validation ------------------------------------------------------------------------------
+    def _blocks(self, header: dict[str, Any]) -> Any:
+        start, end = header.get("start"), header.get("end")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+            raise RequestError(f"'start' and 'end' must be integers, got {start!r} and {end!r}")
+        if not self.span.start <= start < end <= self.span.end:
+            raise RequestError(
+                f"blocks {start}:{end} are out of range: this server hosts blocks {self.span.start}:{self.span.end}"
+            )
+        if start not in self.cuts or end not in self.cuts:
+            raise RequestError(f"blocks {start}:{end} cut the model where it cannot be cut")
+        key = (start, end)
+        if key not in self._views:
+            if key == (self.span.start, self.span.end):
+                self._views[key] = self.span
+            else:
+                family, cls = self.span.family, type(self.span)
+                layers = list(self.span.layers)[start - self.span.start : end - self.span.start]
+                self._views[key] = cls(family, self.span.config, start, end, layers, self.span.rotary)
+        return self._views[key]
+
+    def _check_metas(
+        self, metas: list[TensorMeta], required: tuple[str, ...], batch: int | None = None, max_mask: int = 0
+    ) -> dict[str, TensorMeta]:
+        by_name = {m.name: m for m in metas}
+        allowed = set(required) | {"attention_mask"}
+        if set(by_name) - allowed or len(by_name) != len(metas):
+            raise RequestError(f"unexpected tensors {sorted(by_name)}; expected {sorted(allowed)}")
+        for name in required:
+            if name not in by_name:
+                raise RequestError(f"missing tensor {name!r}")
+        hidden = by_name["hidden"]
+        if len(hidden.shape) != 3 or hidden.shape[2] != self.hidden_size:
+            raise RequestError(
+                f"hidden must be [batch, tokens, {self.hidden_size}], got {list(hidden.shape)}"
+            )
+        b, t = hidden.shape[:2]
+        if not hidden.dtype.is_floating_point:
+            raise RequestError(f"hidden must be floating point, got {hidden.dtype}")
+        if batch is not None and b != batch:
+            raise RequestError(f"this session was opened for batch size {batch}, got hidden of batch {b}")
+        if not 1 <= b <= self.limits.max_batch or t < 1 or b * t > self.limits.max_tokens:
+            raise RequestError(
+                f"hidden of shape {list(hidden.shape)} is outside the limits (batch 1..{self.limits.max_batch}, "
+                f"tokens >= 1, batch*tokens <= {self.limits.max_tokens})"
+            )
+        for name in ("grad", "output"):
+            if name in by_name and by_name[name].shape != hidden.shape:
+                raise RequestError(f"{name} must have the shape of hidden {list(hidden.shape)}")
+        pos = by_name["position_ids"]
+        if pos.dtype != torch.int64 or pos.shape != (b, t):
+            raise RequestError(f"position_ids must be int64 [{b}, {t}], got {pos.dtype} {list(pos.shape)}")
+        mask = by_name.get("attention_mask")
+        if mask is not None:
+            limit = max_mask or self.limits.max_length
+            if (
+                mask.dtype != torch.int64
+                or len(mask.shape) != 2
+                or mask.shape[0] != b
+                or not t <= mask.shape[1] <= limit
+            ):
+                raise RequestError(
+                    f"attention_mask must be int64 [{b}, past+{t}] with at most {limit} columns, "
+                    f"got {mask.dtype} {list(mask.shape)}"
+                )
+        return by_name
+
+    async def _read(self, stream: FrameStream, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
+        tensors = await wire.read_tensors(stream, metas, self.codecs, self.limits.max_tensor_bytes)
+        mask = tensors.get("attention_mask")
+        if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+            raise RequestError("attention_mask may only hold 0 (padding) and 1 (token)")
+        pos = tensors["position_ids"]
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= 1 << 20):
+            raise RequestError(f"position_ids must lie in [0, 2**20), got {int(pos.min())}..{int(pos.max())}")
+        return tensors
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+
+    # ---- forward / backward (no cache) -----------------------------------------------------------
+    async def _forward(self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]) -> None:
+        view = self._blocks(header)
+        self._check_metas(metas, ("hidden", "position_ids"))
+        t = await self._read(stream, metas)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                out = view(
+                    t["hidden"].to(self.dtype),
+                    position_ids=t["position_ids"],
+                    attention_mask=t.get("attention_mask"),
+                )
+            return out.to(t["hidden"].dtype)
+
+        await wire.send(stream, {"ok": True}, {"hidden": await self._run(run)}, self.output_codec)
+
+    async def _backward(self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]) -> None:
+        view = self._blocks(header)
+        self._check_metas(metas, ("hidden", "grad", "position_ids"))
+        t = await self._read(stream, metas)
+
+        def run() -> torch.Tensor:
+            with torch.enable_grad():
+                hidden = t["hidden"].to(self.dtype).requires_grad_(True)
+                out = view(hidden, position_ids=t["position_ids"], attention_mask=t.get("attention_mask"))
+                (grad,) = torch.autograd.grad(out, hidden, t["grad"].to(out.dtype))
+            return grad.to(t["hidden"].dtype)
+
+        await wire.send(stream, {"ok": True}, {"grad": await self._run(run)}, self.output_codec)
+
+    # ---- inference sessions ----------------------------------------------------------------------
+    async def _inference(self, stream: FrameStream, header: dict[str, Any]) -> None:
+        sid, batch, max_length = header.get("session_id"), header.get("batch_size"), header.get("max_length")
+        if not isinstance(sid, str) or not 8 <= len(sid) <= 64:
+            raise RequestError(f"session_id must be a string of 8..64 characters, got {sid!r:.80}")
+        if sid in self.sessions:
+            raise RequestError(f"session {sid} is already open on this server")
+        if not isinstance(batch, int) or not 1 <= batch <= self.limits.max_batch:
+            raise RequestError(f"batch_size must be an integer in 1..{self.limits.max_batch}, got {batch!r}")
+        if not isinstance(max_length, int) or not 1 <= max_length <= self.limits.max_length:
+            raise RequestError(
+                f"max_length must be an integer in 1..{self.limits.max_length}, got {max_length!r}"
+            )
+        view = self._blocks(header)
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise RequestError(f"busy: {len(self.sessions)} sessions are open, the limit", "busy")
+        need = view.cache_bytes(batch, max_length)
+        if self.cache_used + need > self.cache_budget:
+            raise RequestError(
+                f"busy: a session of batch {batch} x {max_length} tokens needs {need} bytes of KV cache, "
+                f"{self.cache_budget - self.cache_used} of {self.cache_budget} are free; try another server or later",
+                "busy",
+            )
+        self.cache_used += need
+        session = Session(sid, view, view.new_cache(batch, max_length), batch, max_length, need)
+        session.push_target = _push_target(header.get("push"))
+        self.sessions[sid] = session
+        reader = asyncio.create_task(self._read_steps(stream, session))
+        try:
+            await wire.send(
+                stream, {"ok": True, "session_id": sid, "cache_left": self.cache_budget - self.cache_used}
+            )
+            await self._serve_session(stream, session)
+        finally:
+            reader.cancel()
+            self.sessions.pop(sid, None)
+            self.cache_used -= session.reserved
+            if session.push_stream is not None:
+                session.push_stream.close()
+
+    async def _read_steps(self, stream: FrameStream, session: Session) -> None:
+        """Client messages -> the session's inbox (a ``None`` ends the session, an exception fails it)."""
+        try:
+            while True:
+                message = await wire.read_header(stream)
+                if message is None:
+                    await session.inbox.put(None)
+                    return
+                header, metas = message
+                kind = header.get("type")
+                if kind == "route":
+                    await session.inbox.put(("route", _push_target(header.get("push"))))
+                elif kind == "step":
+                    step = _step_number(header)
+                    self._check_metas(metas, ("hidden", "position_ids"), session.batch, session.max_length)
+                    await session.inbox.put(("step", step, await self._read(stream, metas)))
+                else:
+                    raise RequestError(
+                        f"unknown message type {kind!r} in an inference session; expected step or route"
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the session loop, which replies
+            await session.inbox.put(exc)
+
+    async def _serve_session(self, stream: FrameStream, session: Session) -> None:
+        while True:
+            item = await session.inbox.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            if item[0] == "route":
+                session.push_target = item[1]
+                if session.push_stream is not None:
+                    session.push_stream.close()
+                    session.push_stream = None
+                continue
+            _, step, tensors = item
+            if step < session.next_step:
+                continue  # already computed from a push (or the client's copy of it)
+            if step > session.next_step:
+                if len(session.pending) >= self.limits.max_pending_steps:
+                    raise RequestError(f"step {step} arrived while waiting for step {session.next_step}")
+                session.pending.setdefault(step, tensors)
+                continue
+            while tensors is not None:
+                out = await self._run(self._inference_step, session, tensors)
+                if session.push_target is not None:
+                    asyncio.create_task(self._push(session, session.next_step, out, tensors))
+                await wire.send(
+                    stream, {"ok": True, "step": session.next_step}, {"hidden": out}, self.output_codec
+                )
+                session.next_step += 1
+                tensors = session.pending.pop(session.next_step, None)
+
+    def _inference_step(self, session: Session, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, mask = t["hidden"], t.get("attention_mask")
+        past, length = session.cache.length, hidden.shape[1]
+        if past + length > session.max_length:
+            raise RequestError(
+                f"the session would hold {past + length} tokens; it was opened for max_length {session.max_length}"
+            )
+        if mask is not None and mask.shape[1] != past + length:
+            raise RequestError(
+                f"attention_mask must cover past + new tokens = {past + length} columns, got {mask.shape[1]}"
+            )
+        with torch.inference_mode():
+            out = session.span(
+                hidden.to(self.dtype),
+                position_ids=t["position_ids"],
+                attention_mask=mask,
+                cache=session.cache,
+            )
+        return out.to(hidden.dtype)
+
+    async def _push(
+        self, session: Session, step: int, out: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> None:
+        """Send a step's output straight to the next server; best effort (the client sends it too)."""
+        async with session.push_lock:
+            target = session.push_target
+            if target is None:
+                return
+            tensors = {"hidden": out, "position_ids": inputs["position_ids"]}
+            if "attention_mask" in inputs:
+                tensors["attention_mask"] = inputs["attention_mask"]
+            try:
+                if session.push_stream is None:
+                    session.push_stream = await self.transport.connect(target[0], wire.PROTOCOL)
+                    asyncio.create_task(_drain_replies(session.push_stream))
+                header = {"type": "push", "session_id": target[1], "step": step}
+                await wire.send(session.push_stream, header, tensors, self.output_codec)
+            except Exception as exc:  # noqa: BLE001 - the client's own copy still arrives
+                logger.info("push to %s failed (%s); the client will deliver the step", target[0], exc)
+                if session.push_stream is not None:
+                    session.push_stream.close()
+                session.push_stream, session.push_target = None, None
+
+    async def _push_stream(
+        self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]
+    ) -> None:
+        while True:
+            sid = header.get("session_id")
+            session = self.sessions.get(sid) if isinstance(sid, str) else None
+            if session is None:
+                raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
+            step = _step_number(header)
+            self._check_metas(metas, ("hidden", "position_ids"), session.batch, session.max_length)
+            await session.inbox.put(("step", step, await self._read(stream, metas)))
+            await wire.send(stream, {"ok": True, "step": step})
+            message = await wire.read_header(stream)
+            if message is None:
+                return
+            header, metas = message
+            if header.get("type") != "push":
+                raise RequestError(f"a push stream carries only push messages, got {header.get('type')!r}")
+
+
+def _push_target(value: Any) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("peer"), str)
+        or not isinstance(value.get("session_id"), str)
+    ):
+        raise RequestError(
+            f"'push' must be null or a map with string 'peer' and 'session_id', got {value!r:.120}"
+        )
+    return value["peer"], value["session_id"]
+
+
+def _step_number(header: dict[str, Any]) -> int:
+    step = header.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 1 << 31:
+        raise RequestError(f"'step' must be a non-negative integer, got {step!r:.40}")
+    return step
+
+
+async def _drain_replies(stream: FrameStream) -> None:
+    try:
+        while (message := await wire.read_header(stream)) is not None:
+            if not message[0].get("ok", False):
+                logger.info("push refused by %s: %s", stream.peer, message[0].get("error"))
+    except Exception:  # noqa: BLE001 - the push stream is best effort
+        pass
+
+
+async def _reply_error(stream: FrameStream, message: str, code: str) -> None:
+    try:
+        await wire.send(stream, wire.error_header(message, code=code))
+    except Exception:  # noqa: BLE001 - the peer may be gone already
+        pass
