@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Any
 
-from bench.floors import LINKS
+from bench.floors import DEFAULT_LINKS, LINKS
 from bench.models import MODEL_KEYS
 
 ALL_SCENARIOS = ("decode", "prefill128", "prefill2048", "batch16")
@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--servers", action="append", type=int, choices=(2, 3), help="repeatable; default: 2 and 3"
     )
-    p.add_argument("--link", action="append", choices=tuple(LINKS), help="repeatable; default: all")
+    p.add_argument(
+        "--link", action="append", choices=tuple(LINKS), help="repeatable; default: 0ms, 20ms, 50ms"
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per scenario (median and spread over them)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (client, servers, local)"
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenario = args.scenario or list(ALL_SCENARIOS)
     args.model = args.model or list(MODEL_KEYS)
     args.servers = args.servers or [2, 3]
-    args.link = args.link or list(LINKS)
+    args.link = args.link or list(DEFAULT_LINKS)
     return args
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.floors import Floor
+from bench.floors import LINKS, Floor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "bench" / "results" / "latest.json"
@@ -93,7 +93,7 @@ def merge_results(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]) 
 
 
 def _link_ms(result: dict[str, Any]) -> float:
-    return float(result["link"].removesuffix("ms")) if result["link"].endswith("ms") else 0.0
+    return LINKS[result["link"]].delay_ms if result["link"] in LINKS else 0.0
 
 
 def load_results(path: Path = RESULTS_JSON) -> list[dict[str, Any]]:
@@ -141,11 +141,11 @@ def render_table(results: list[dict[str, Any]]) -> str:
 
 
 def _link_text(link: str) -> str:
-    from bench.floors import LINKS
-
     spec = LINKS.get(link)
     if spec is None:
         return link
+    if link == "direct":
+        return "no proxy"
     return f"{spec.delay_ms:g} ms, {'no cap' if spec.mbit is None else f'{spec.mbit:g} Mbit/s'}"
 
 

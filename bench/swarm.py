@@ -133,13 +133,17 @@ class BenchSwarm:
             self.initial_peers = [bootstrap.wait_for(MADDR, self.start_timeout)]
             spans = list(zip(self.cuts[:-1], self.cuts[1:], strict=True))
             server_ports = [free_port() for _ in spans]
-            proxy_ports = [free_port() for _ in spans]
-            pairs = [f"{p}:127.0.0.1:{s}" for p, s in zip(proxy_ports, server_ports, strict=True)]
-            mbit = [] if self.link.mbit is None else ["--mbit", f"{self.link.mbit:g}"]
-            proxies = self._spawn(
-                "proxies", ["-m", "bench.proxyhost", "--delay-ms", f"{self.link.delay_ms:g}", *mbit, *pairs]
-            )
-            proxies.wait_for(r"\bready\b", 30)
+            if self.link.name == "direct":  # no proxy: servers announce their own port
+                proxy_ports = server_ports
+            else:
+                proxy_ports = [free_port() for _ in spans]
+                pairs = [f"{p}:127.0.0.1:{s}" for p, s in zip(proxy_ports, server_ports, strict=True)]
+                mbit = [] if self.link.mbit is None else ["--mbit", f"{self.link.mbit:g}"]
+                proxies = self._spawn(
+                    "proxies",
+                    ["-m", "bench.proxyhost", "--delay-ms", f"{self.link.delay_ms:g}", *mbit, *pairs],
+                )
+                proxies.wait_for(r"\bready\b", 30)
             threads = str(self.threads)
             env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             for i, ((a, b), sport, pport) in enumerate(zip(spans, server_ports, proxy_ports, strict=True)):
