@@ -33,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--identity", metavar="FILE", help="private-key file (stable peer id)")
     p.add_argument("--public-name", default="", help="a name shown by `bloombee status`")
     p.add_argument("--cache-bytes", type=int, help="KV-cache memory budget in bytes")
-    p.add_argument("--offload", default="none", help="offload policy name (see `bloombee plugins`)")
-    p.add_argument("--compressor", default="none", help="compressor for the hidden states this server sends")
+    p.add_argument("--offload", default="none", help='offload policy: a name or JSON {"name": ..., options}')
+    p.add_argument(
+        "--compressor", default="none", help="compressor for hidden states this server sends: a name or JSON"
+    )
     p.add_argument("--ttl", type=float, default=30.0, help="seconds DHT records live (refreshed every ttl/3)")
     p.set_defaults(func=cmd_serve)
 
@@ -119,9 +121,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_bytes,
         ttl=args.ttl,
     )
-    compressor = plugins.create("compressors", args.compressor, "--compressor")
-    offload = plugins.create("offload_policies", args.offload, "--offload")
+    compressor = plugins.create("compressors", _choice(args.compressor), "--compressor")
+    offload = plugins.create("offload_policies", _choice(args.offload), "--offload")
     return serve_forever(opts, transport, plugins, compressor, offload)
+
+
+def _choice(text: str) -> Any:
+    """A plugin name, or a JSON object ``{"name": ..., **options}``."""
+    return json.loads(text) if text.strip().startswith("{") else text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
