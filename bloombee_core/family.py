@@ -125,7 +125,6 @@ class ModelFamily(Plugin):
     layer_prefix: ClassVar[str] = "model.layers."  # checkpoint prefix of decoder layer ``i``
     final_norm: ClassVar[str] = "model.norm"  # attribute path of the final norm in the CausalLM
     rotary: ClassVar[str | None] = "model.rotary_emb"  # attribute path of the rotary module, if any
-    rotary_per_layer_type: ClassVar[bool] = False  # Gemma 3: rotary_emb(x, pos, layer_type)
 
     # ---- structure -------------------------------------------------------------------------------
     def num_blocks(self, config: PretrainedConfig) -> int:
@@ -141,6 +140,10 @@ class ModelFamily(Plugin):
             return layer_types[index]
         # Mistral-style configs: one sliding window for every layer when it is set
         return SLIDING if getattr(config, "sliding_window", None) is not None else FULL
+
+    def rotary_takes_layer_type(self, config: PretrainedConfig) -> bool:
+        """Gemma 3 style: one rotary table per layer type, ``rotary(x, positions, layer_type)``."""
+        return False
 
     def kv_shape(self, config: PretrainedConfig, index: int) -> tuple[int, int]:
         """(key/value heads, head size) of layer ``index``; for the server's memory budget."""
@@ -231,12 +234,13 @@ class ModelFamily(Plugin):
             return AutoModelForCausalLM.from_config(_zero_layer_config(config), dtype=dtype)
 
     def _prepared_config(self, config: PretrainedConfig) -> PretrainedConfig:
-        """A copy with the attention implementation transformers itself would pick for this model."""
+        """A copy with the attention / experts implementations transformers itself would pick."""
         config = copy.deepcopy(config)
-        if config._attn_implementation is None:
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(_zero_layer_config(config))
-            config._attn_implementation = skeleton.config._attn_implementation
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(_zero_layer_config(config))
+        for attr in ("_attn_implementation", "_experts_implementation"):
+            if getattr(config, attr, None) is None and getattr(skeleton.config, attr, None) is not None:
+                setattr(config, attr, getattr(skeleton.config, attr))
         return config
 
     # ---- running (client) ------------------------------------------------------------------------
@@ -275,7 +279,7 @@ class ModelFamily(Plugin):
                 layer_idx=index,
             )
             if span.rotary is not None:
-                if self.rotary_per_layer_type:
+                if self.rotary_takes_layer_type(span.config):
                     inputs.position_embeddings[kind] = span.rotary(hidden, position_ids, kind)
                 else:
                     inputs.position_embeddings[kind] = span.rotary(hidden, position_ids)
@@ -397,6 +401,37 @@ def _check_inputs(
                 f"the session would hold {past + length} tokens but its cache was made for {cache.max_length}; "
                 "open the session with a larger max_length"
             )
+
+
+def past_length(span: BlockSpan, kv: Any) -> int:
+    """Tokens already in the span's cache. Ask the span's own first layer: layers before it are empty here."""
+    return kv.get_seq_length(span.start) if kv is not None else 0
+
+
+def fuse_experts(
+    state: dict[str, torch.Tensor], experts: str, gate: str, up: str, down: str
+) -> dict[str, torch.Tensor]:
+    """Stack per-expert checkpoint matrices into transformers 5's fused 3-D expert parameters.
+
+    Hub checkpoints store ``{experts}.{e}.{gate|up|down}.weight``; transformers 5 modules hold
+    ``{experts}.gate_up_proj`` [E, 2I, H] (gate rows then up rows) and ``{experts}.down_proj`` [E, H, I].
+    A checkpoint already in the fused layout passes through unchanged.
+    """
+    head = f"{experts}."
+    count = len({name[len(head) :].split(".")[0] for name in state if name.startswith(head)} - _FUSED)
+    if count == 0:
+        return state
+    out = {name: t for name, t in state.items() if not name.startswith(head)}
+
+    def stacked(kind: str) -> torch.Tensor:
+        return torch.stack([state[f"{head}{e}.{kind}.weight"] for e in range(count)])
+
+    out[f"{head}gate_up_proj"] = torch.cat([stacked(gate), stacked(up)], dim=1)
+    out[f"{head}down_proj"] = stacked(down)
+    return out
+
+
+_FUSED = {"gate_up_proj", "down_proj"}
 
 
 def _causal_lm_class(config: PretrainedConfig) -> type:

@@ -172,3 +172,39 @@ def assert_family_parity(family: ModelFamily, path: Path, cuts: list[int]) -> No
     assert_generate_parity(reference, split, ids, mask, max_new_tokens=8)
     ids, mask = prompts(config.vocab_size, batch=1, length=6, seed=3)
     assert_generate_parity(reference, split, ids, mask, max_new_tokens=16)
+
+
+def assert_bf16_parity(family: ModelFamily, path: Path, cuts: list[int]) -> None:
+    """bf16 split run vs transformers in bf16 (tolerance: see ``BF16_ATOL``)."""
+    config = load_config(path)
+    reference = load_reference(path, torch.bfloat16)
+    split = SplitModel(family, path, cuts, dtype=torch.bfloat16)
+    ids, mask = prompts(config.vocab_size, batch=2, length=7)
+    assert_cached_decode_parity(reference, split, ids, mask, steps=8, atol=BF16_ATOL)
+
+
+def span_tensor_reads(family: ModelFamily, path: Path, start: int, end: int, monkeypatch) -> list[str]:
+    """Names of the checkpoint tensors read while loading span ``start:end`` (real reads, recorded)."""
+    from bloombee_core.family import TensorSource
+
+    read: list[str] = []
+    original = TensorSource.read
+
+    def recording_read(self, name):
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(TensorSource, "read", recording_read)
+    family.load_span(path, load_config(path), start, end, torch.float32)
+    monkeypatch.setattr(TensorSource, "read", original)
+    return read
+
+
+def assert_span_reads_only_its_tensors(family: ModelFamily, path: Path, monkeypatch) -> None:
+    """Loading blocks 1:3 reads exactly the tensors of blocks 1 and 2, and nothing else."""
+    from bloombee_core.family import TensorSource
+
+    source = TensorSource(path)
+    wanted = sorted(source.names(f"{family.layer_prefix}1.") + source.names(f"{family.layer_prefix}2."))
+    assert wanted, f"no tensors under {family.layer_prefix}1. in {path}"
+    assert sorted(span_tensor_reads(family, path, 1, 3, monkeypatch)) == wanted

@@ -1,0 +1,50 @@
+"""BLOOM: ALiBi position bias instead of rotary, a LayerNorm right after the embeddings (client side)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanInputs, past_length
+from bloombee_core.hookspecs import hookimpl
+
+
+class BloomFamily(ModelFamily):
+    name = "bloom"
+    description = "BLOOM decoders (ALiBi attention bias, embedding LayerNorm, tied LM head)"
+    model_types = ("bloom",)
+    layer_prefix = "transformer.h."
+    final_norm = "transformer.ln_f"
+    rotary = None
+
+    def embed(self, client: ClientPart, input_ids: torch.Tensor) -> torch.Tensor:
+        transformer = client.model.transformer
+        return transformer.word_embeddings_layernorm(transformer.word_embeddings(input_ids))
+
+    def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+        # BLOOM ignores position ids: the ALiBi bias is built from the padding mask (or the key length)
+        inputs = super().span_inputs(span, hidden, None, attention_mask, kv)
+        heads, batch = span.config.n_head, hidden.shape[0]
+        if attention_mask is None:
+            keys = past_length(span, kv) + hidden.shape[1]
+            slopes = build_alibi_tensor(torch.ones(1, keys, dtype=torch.long), heads, hidden.dtype)
+            inputs.extra["alibi"] = slopes.repeat(batch, 1, 1)
+        else:
+            inputs.extra["alibi"] = build_alibi_tensor(attention_mask, heads, dtype=hidden.dtype)
+        return inputs
+
+    def run_layer(self, span, layer, index: int, hidden, inputs: SpanInputs, kv: Any) -> torch.Tensor:
+        return layer(
+            hidden,
+            layer_past=kv,
+            attention_mask=inputs.masks["full_attention"],
+            use_cache=kv is not None,
+            alibi=inputs.extra["alibi"],
+        )[0]
+
+
+@hookimpl
+def bloombee_register_model_families() -> list[type[ModelFamily]]:
+    return [BloomFamily]

@@ -1,0 +1,80 @@
+"""Falcon: rotary or ALiBi, parallel attention/MLP, multi-query or grouped KV (new_decoder_architecture)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.masking_utils import create_causal_mask
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+from bloombee_core.family import FULL, BlockSpan, ModelFamily, SpanInputs, past_length
+from bloombee_core.hookspecs import hookimpl
+
+
+class FalconFamily(ModelFamily):
+    name = "falcon"
+    description = "Falcon decoders: rotary or ALiBi, parallel attention, multi-query / grouped KV"
+    model_types = ("falcon",)
+    layer_prefix = "transformer.h."
+    final_norm = "transformer.ln_f"
+    rotary = "transformer.rotary_emb"
+
+    def kv_shape(self, config, index: int) -> tuple[int, int]:
+        head_dim = config.hidden_size // config.num_attention_heads
+        if config.new_decoder_architecture:
+            return config.num_kv_heads, head_dim
+        return (1 if config.multi_query else config.num_attention_heads), head_dim
+
+    def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+        config = span.config
+        inputs = SpanInputs(position_ids=position_ids)
+        # Falcon always materialises the mask so the ALiBi bias can be folded into it
+        mask = create_causal_mask(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=kv,
+            position_ids=position_ids,
+            allow_is_causal_skip=False,
+            layer_idx=span.start,
+        )
+        alibi = None
+        if config.alibi:
+            batch, length = hidden.shape[:2]
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, length + past_length(span, kv), dtype=torch.long)
+            alibi = build_alibi_tensor(attention_mask, config.num_attention_heads, dtype=hidden.dtype)
+            if mask is not None and mask.ndim == 4:
+                mask = _fold_alibi(mask, alibi, batch, config, hidden.dtype)
+        inputs.masks[FULL] = mask
+        inputs.extra["alibi"] = alibi
+        inputs.position_embeddings[FULL] = span.rotary(hidden, position_ids=position_ids)
+        return inputs
+
+    def run_layer(self, span, layer, index: int, hidden, inputs: SpanInputs, kv: Any) -> torch.Tensor:
+        return layer(
+            hidden,
+            layer_past=kv,
+            attention_mask=inputs.masks[FULL],
+            position_ids=inputs.position_ids,
+            use_cache=kv is not None,
+            alibi=inputs.extra["alibi"],
+            position_embeddings=inputs.position_embeddings[FULL],
+        )[0]
+
+
+def _fold_alibi(mask: torch.Tensor, alibi: torch.Tensor, batch: int, config, dtype) -> torch.Tensor:
+    """The additive mask Falcon's model builds: ALiBi scaled by 1/sqrt(head_dim), -inf where masked."""
+    lowest = torch.finfo(dtype).min
+    if mask.dtype == torch.bool:
+        mask = torch.where(mask, torch.zeros((), dtype=dtype), lowest)
+    alibi = alibi.reshape(batch, -1, *alibi.shape[1:])
+    head_dim = config.hidden_size // config.num_attention_heads
+    return torch.masked_fill(alibi / math.sqrt(head_dim), mask < -1, lowest)
+
+
+@hookimpl
+def bloombee_register_model_families() -> list[type[ModelFamily]]:
+    return [FalconFamily]
