@@ -116,7 +116,7 @@ def floor_for(model: BenchModel, scenario: Scenario, servers: int, link: Link, c
 def swarm_client(
     model: BenchModel, cuts: list[int], link: Link, threads: int, ready_timeout: float
 ) -> Iterator[Any]:
-    """A running swarm for ``cuts`` behind ``link`` and a client connected to it (both closed on exit)."""
+    """A running swarm for ``cuts`` behind ``link`` and a client connected to it: yields (client, swarm)."""
     from bench.swarm import BenchSwarm
     from bloombee_core.client import AutoDistributedModelForCausalLM
 
@@ -126,7 +126,7 @@ def swarm_client(
         )
         try:
             _wait_until_served(client, model, swarm, ready_timeout)
-            yield client
+            yield client, swarm
         finally:
             for method in ("shutdown", "close"):
                 if callable(getattr(client, method, None)):
@@ -168,7 +168,7 @@ def run_group(
     cuts = even_cuts(model.num_blocks, servers)
     # Local numbers first, while no swarm process competes for the CPU.
     prepared = [(s, local.compute(cuts, s), local.baseline(s)) for s in chosen]
-    with swarm_client(model, cuts, link, threads, ready_timeout) as client:
+    with swarm_client(model, cuts, link, threads, ready_timeout) as (client, _):
         for scenario, compute_s, baseline_s in prepared:
             ids = random_prompt(model.vocab_size, scenario.batch, scenario.prompt_tokens)
             if scenario.prompt_tokens <= 128:  # a full warm-up of a 2048-token prefill costs a whole run
