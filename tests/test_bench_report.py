@@ -83,6 +83,7 @@ def test_table_row_has_every_column_a_reader_needs() -> None:
         "8.00×",
     ):
         assert text in row
+    assert "| 3.3 ms |" in row  # (80 ms - 70.2 ms floor) / 3 hops
     assert "`python -m bench --scenario decode --model tiny --servers 2 --link 20ms`" in row
 
 
