@@ -148,8 +148,11 @@ class ZstdByteSplitCompressor(Compressor):
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         itemsize = tensor.element_size()
-        planes = tensor_bytes_view(tensor).reshape(-1, itemsize).t().contiguous()
-        frames = [zstd_compress(plane.numpy(), self.options.level) for plane in planes]
+        data = tensor_bytes_view(tensor)
+        # Strided slices, not a [n, itemsize] transpose: torch copies uint8 transposes ~40x slower.
+        frames = [
+            zstd_compress(data[k::itemsize].contiguous().numpy(), self.options.level) for k in range(itemsize)
+        ]
         header = struct.pack(f"<B{itemsize}I", itemsize, *(len(frame) for frame in frames))
         return b"".join([header, *frames])
 
@@ -169,14 +172,16 @@ class ZstdByteSplitCompressor(Compressor):
                 f"zstd-bytesplit payload for {what} is {len(payload)} bytes but its header announces "
                 f"{header_size + sum(lengths)}"
             )
-        planes = torch.empty((itemsize, numel), dtype=torch.uint8)
+        out = torch.empty(numel * itemsize, dtype=torch.uint8)
+        plane = torch.empty(numel, dtype=torch.uint8)
         view = memoryview(payload)
         offset = header_size
         for index, length in enumerate(lengths):
             frame = view[offset : offset + length]
-            zstd_decompress_into(frame, memoryview(planes[index].numpy()), f"byte plane {index} of {what}")
+            zstd_decompress_into(frame, memoryview(plane.numpy()), f"byte plane {index} of {what}")
+            out[index::itemsize] = plane
             offset += length
-        return planes.t().contiguous().reshape(-1).view(dtype).reshape(shape)
+        return out.view(dtype).reshape(shape)
 
 
 BUILTIN_COMPRESSORS: list[type[Compressor]] = [
