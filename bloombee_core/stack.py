@@ -63,8 +63,11 @@ class Child:
         return self.ready
 
     def stop(self, grace: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
+        if self.proc.poll() is None:  # the leader only: it shuts its DHT process and p2pd down cleanly
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:

@@ -11,6 +11,7 @@ that loaded the same model meet under the same keys wherever the files live on t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Sequence
@@ -88,12 +89,11 @@ async def announce(
 ) -> bool:
     """Store ``record`` under every block of its span (and the model under the models key)."""
     expiration = transport.now() + ttl
-    results = [await transport.store(MODELS_KEY, model, model_info, expiration)]
+    value = record.to_value()
+    stores = [transport.store(MODELS_KEY, model, model_info, expiration)]
     for index in range(record.start, record.end):
-        results.append(
-            await transport.store(block_key(model, index), record.peer, record.to_value(), expiration)
-        )
-    return all(results)
+        stores.append(transport.store(block_key(model, index), record.peer, value, expiration))
+    return all(await asyncio.gather(*stores))
 
 
 async def fetch_servers(transport: Transport, model: str, num_blocks: int) -> dict[str, ServerRecord]:

@@ -118,7 +118,7 @@ class SpanServer:
         if self._announcer is not None:
             self._announcer.cancel()
         try:
-            await asyncio.wait_for(self._announce(state="offline"), 5)
+            await asyncio.wait_for(self._announce(state="offline"), 2)
         except Exception:  # noqa: BLE001 - best effort: the records expire anyway
             pass
         self._compute.shutdown(wait=False, cancel_futures=True)
