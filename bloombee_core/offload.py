@@ -6,13 +6,16 @@ is a GPU, so its copy is asynchronous) and is copied to the device by a forward 
 unit — a decoder layer — then dropped again by a forward hook, so at most one unit's streamed
 weights occupy device memory at a time.
 
-Streamed weights are meant to be frozen (inference, or fine-tuning methods that train other
-parameters): their ``.data`` is swapped in and out, so a gradient for them would land on the device
-while the weight itself sits in CPU memory.
+Forwards through one span run on one CUDA stream (overlapping forwards of a unit share its copy,
+which is only ordered before the kernels of the stream that made it). Streamed weights are meant to
+be frozen (inference, or fine-tuning methods that train other parameters): each forward uses a
+temporary device copy of them, so a gradient for them would be computed for that copy and lost.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +24,8 @@ import torch
 from torch import nn
 
 from bloombee_core.plugin import Plugin
+
+logger = logging.getLogger("bloombee")
 
 __all__ = ["OffloadPlan", "OffloadPolicy", "offload_plan", "offload_units", "place_span"]
 
@@ -88,28 +93,39 @@ class _StreamedWeights:
     The unit's modules get a device copy of each streamed parameter for the duration of the forward
     and their original parameter (whose data is the CPU copy) back afterwards. Swapping the
     parameter rather than its ``.data`` works for any pair of devices, and keeps the parameter
-    objects the rest of the program holds unchanged at rest.
+    objects the rest of the program holds unchanged at rest. Forwards of one unit that overlap (two
+    threads on one CUDA stream) share one copy: it is dropped when the last of them ends.
     """
 
     def __init__(self, owners: list[tuple[nn.Module, str, nn.Parameter]], device: torch.device) -> None:
         self.owners = owners  # (module, attribute name, original parameter); shared weights appear twice
         self.device = device
+        self.users = 0
+        self.lock = threading.Lock()
 
     def load(self, module: nn.Module, args: Any) -> None:
-        # From pinned memory this copy is asynchronous but ordered on the current stream, before
-        # the kernels that read the weights; on a CPU device .to() returns the CPU tensor itself.
-        copies: dict[int, nn.Parameter] = {}
-        for owner, name, param in self.owners:
-            if id(param) not in copies:
-                device_data = param.data.to(self.device, non_blocking=True)
-                copies[id(param)] = nn.Parameter(device_data, requires_grad=param.requires_grad)
-            owner._parameters[name] = copies[id(param)]
+        with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            # From pinned memory this copy is asynchronous but ordered on the current stream, before
+            # the kernels that read the weights; on a CPU device .to() returns the CPU tensor itself.
+            copies: dict[int, nn.Parameter] = {}
+            for owner, name, param in self.owners:
+                if id(param) not in copies:
+                    device_data = param.data.to(self.device, non_blocking=True)
+                    copies[id(param)] = nn.Parameter(device_data, requires_grad=param.requires_grad)
+                owner._parameters[name] = copies[id(param)]
 
     def release(self, module: nn.Module, args: Any, output: Any) -> None:
-        # Dropping the last reference returns the device copy to the caching allocator, which only
-        # reuses it after the kernels queued on this stream are done with it.
-        for owner, name, param in self.owners:
-            owner._parameters[name] = param
+        with self.lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            # Dropping the last reference returns the device copy to the caching allocator, which
+            # only reuses it after the kernels queued on this stream are done with it.
+            for owner, name, param in self.owners:
+                owner._parameters[name] = param
 
 
 def place_span(span: nn.Module, device: torch.device, streamed: Iterable[nn.Parameter]) -> OffloadPlan:
@@ -145,7 +161,7 @@ def place_span(span: nn.Module, device: torch.device, streamed: Iterable[nn.Para
                 )
             if id(param) not in placed:
                 home = param.data.to("cpu")
-                param.data = home.pin_memory() if device.type == "cuda" else home
+                param.data = _pinned(home) if device.type == "cuda" else home
                 placed[id(param)] = param
                 plan.streamed_bytes += param_bytes(param)
             owners[unit].append((module, name, param))
@@ -153,13 +169,25 @@ def place_span(span: nn.Module, device: torch.device, streamed: Iterable[nn.Para
         if unit_owners:
             weights = _StreamedWeights(unit_owners, device)
             plan.hooks.append(unit.register_forward_pre_hook(weights.load))
-            plan.hooks.append(unit.register_forward_hook(weights.release))
+            # always_call: a forward that raises must still give the device memory back.
+            plan.hooks.append(unit.register_forward_hook(weights.release, always_call=True))
             plan.streamed_units += 1
     for module in span.modules():
         for name, buffer in module.named_buffers(recurse=False):
             setattr(module, name, buffer.to(device))
     setattr(span, PLAN_ATTRIBUTE, plan)
     return plan
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy, so host-to-device copies are asynchronous; pageable if pinning is refused."""
+    try:
+        return tensor.pin_memory()
+    except RuntimeError as error:  # e.g. a locked-memory limit (ulimit -l) or a sandbox without it
+        logger.warning(
+            "cannot pin %d bytes of streamed weights (%s); copies will be synchronous", tensor.nbytes, error
+        )
+        return tensor
 
 
 def _moved(param: nn.Parameter, device: torch.device) -> nn.Parameter:

@@ -152,3 +152,33 @@ def test_streaming_works_under_inference_mode() -> None:
     with torch.inference_mode():
         assert span(torch.randn(2, 8, device=meta)).shape == (2, 8)
     assert all(p.device.type == "cpu" and p.requires_grad for p in span.parameters())
+
+
+def test_a_failing_forward_still_releases_the_streamed_weights() -> None:
+    meta = torch.device("meta")
+    span = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(span, meta)
+    with pytest.raises(RuntimeError):
+        span(torch.randn(2, 5, device=meta))  # wrong width: the first unit's forward raises
+    assert all(p.device.type == "cpu" for p in span.parameters())
+    assert span(torch.randn(2, 8, device=meta)).shape == (2, 8)  # and the span still works
+
+
+def test_overlapping_forwards_of_a_unit_share_one_device_copy() -> None:
+    meta = torch.device("meta")
+    inner = nn.Linear(8, 8)
+    span = nn.Sequential(nn.Sequential(inner))
+    PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(span, meta)
+    seen: list[str] = []
+
+    def reenter(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+        # A second forward of the same unit starts (and ends) while the first one is running.
+        if len(seen) == 0:
+            seen.append(inner.weight.device.type)
+            span(args[0])
+            seen.append(inner.weight.device.type)
+
+    inner.register_forward_pre_hook(reenter)
+    span(torch.randn(2, 8, device=meta))
+    assert seen == ["meta", "meta"]  # the nested forward's end did not pull the weights from under us
+    assert inner.weight.device.type == "cpu"
