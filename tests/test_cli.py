@@ -1,38 +1,52 @@
-"""The `bloombee` command as a user runs it: a real subprocess, exit codes, no tracebacks."""
+"""The `bloombee` command as a user runs it: exit codes, one-line errors, no tracebacks.
+
+Most tests call the CLI's ``main`` in-process (each subprocess pays seconds of torch/transformers
+imports); the ones about what a terminal sees run the real command in a subprocess.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bloombee_core.cli import main
+
 pytestmark = pytest.mark.usefixtures("third_party_plugins_installed")
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["bootstrap", "serve", "generate", "status", "run", "plugins", "config"]
 
 
-def bloombee(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+def bloombee(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bloombee_core.cli", *args],
+        env={**os.environ, "COLUMNS": "200"},  # wide enough that rich does not wrap table cells
         capture_output=True,
         text=True,
-        check=check,
         timeout=120,
     )
 
 
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the warning about the (deliberately) broken plugin."""
+    return [line for line in stderr.splitlines() if line and "plugin 'broken'" not in line]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command: str) -> None:
-    result = bloombee(command, "--help")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: bloombee {command}")
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main([command, "--help"])
+    assert excinfo.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: bloombee {command}")
 
 
-def test_plugins_json_lists_builtins_and_third_party_and_failures() -> None:
-    report = json.loads(bloombee("plugins", "--json", check=True).stdout)
+def test_plugins_json_lists_builtins_and_third_party_and_failures(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     names = {(p["kind"], p["name"]): p for p in report["plugins"]}
     assert names["compressors", "example-xor"]["distribution"] == "bloombee-plugin-example"
     assert names["transports", "hivemind"]["distribution"] == "bloombee"
@@ -41,26 +55,30 @@ def test_plugins_json_lists_builtins_and_third_party_and_failures() -> None:
 
 
 def test_plugins_table_names_the_broken_plugin() -> None:
-    out = bloombee("plugins", check=True).stdout
-    assert "example-xor" in out and "bloombee-plugin-example" in out
-    assert "failed to load broken (bloombee-plugin-broken)" in out
+    result = bloombee("plugins")
+    assert result.returncode == 0, result.stderr
+    assert "example-xor" in result.stdout and "bloombee-plugin-example" in result.stdout
+    assert "failed to load broken (bloombee-plugin-broken)" in result.stdout
 
 
 def test_plugins_strict_fails_cleanly() -> None:
     result = bloombee("plugins", "--strict")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: plugin 'broken'") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: plugin 'broken' (bloombee-plugin-broken) failed: ImportError")
+    assert "Traceback" not in result.stderr
 
 
-def test_config_check_accepts_a_good_file_and_the_examples(tmp_path: Path) -> None:
+def test_config_check_accepts_a_good_file_and_the_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "swarm.toml"
     path.write_text('[client]\ncompressor = { name = "example-xor", key = 3 }\n')
-    assert bloombee("config", "check", str(path), check=True).stdout.startswith("ok:")
+    assert main(["config", "check", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok:")
     examples = sorted((ROOT / "examples").glob("*.toml"))
     assert len(examples) >= 3
     for example in examples:
-        result = bloombee("config", "check", str(example))
-        assert result.returncode == 0, (example, result.stderr)
+        assert main(["config", "check", str(example)]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -74,15 +92,27 @@ def test_config_check_accepts_a_good_file_and_the_examples(tmp_path: Path) -> No
         ('[jbo]\nkind = "generate"\n', "error: jbo: unknown key; did you mean 'job'?"),
     ],
 )
-def test_config_check_rejects_mistakes_in_one_line(tmp_path: Path, text: str, message: str) -> None:
+def test_config_check_rejects_mistakes_in_one_line(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "swarm.toml"
     path.write_text(text)
+    assert main(["config", "check", str(path)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_a_config_error_in_a_terminal_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    path = tmp_path / "swarm.toml"
+    path.write_text('[[server]]\nblocks = "5:2"\n')
     result = bloombee("config", "check", str(path))
     assert result.returncode == 2
-    assert result.stderr.startswith(message), result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert error_lines(result.stderr) == [
+        "error: server[0].blocks: blocks must look like 'A:B' with A < B (blocks A..B-1), got '5:2'"
+    ]
 
 
-def test_config_schema_is_json_schema_of_the_settings() -> None:
-    schema = json.loads(bloombee("config", "schema", check=True).stdout)
+def test_config_schema_is_json_schema_of_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == {"model", "network", "server", "client", "job", "plugins"}

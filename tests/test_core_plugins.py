@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from bloombee_core import ConfigError, PluginError, hookimpl, load_plugins
 from bloombee_core.compression import Compressor
@@ -72,6 +73,8 @@ def test_plugin_options_are_validated_and_name_the_key() -> None:
     plugins = load_plugins()
     xor = plugins.create("compressors", {"name": "example-xor", "key": 7}, "client.compressor")
     assert xor.options.key == 7
+    hidden = torch.randn(2, 5, 8)
+    assert torch.equal(xor.decode(xor.encode(hidden), hidden.dtype, (2, 5, 8)), hidden)
     with pytest.raises(ConfigError, match=r"^client\.compressor\.kee: unknown option$"):
         plugins.create("compressors", {"name": "example-xor", "kee": 7}, "client.compressor")
     with pytest.raises(

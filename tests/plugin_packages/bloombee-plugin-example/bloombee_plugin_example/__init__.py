@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from bloombee_core import PluginOptions, hookimpl
-from bloombee_core.compression import Compressor
+from bloombee_core.compression import Compressor, tensor_bytes_view, tensor_from_bytes
 
 
 class XorCompressor(Compressor):
@@ -17,15 +17,11 @@ class XorCompressor(Compressor):
         key: int = Field(0x5A, ge=0, le=255, description="The byte every byte is XOR-ed with.")
 
     def encode(self, tensor: torch.Tensor) -> bytes:
-        raw = tensor.detach().contiguous().view(torch.uint8).flatten()
-        return (raw ^ self.options.key).numpy().tobytes()
+        return (tensor_bytes_view(tensor) ^ self.options.key).numpy().tobytes()
 
     def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if len(payload) != expected:
-            raise ValueError(f"payload has {len(payload)} bytes, shape {shape} of {dtype} needs {expected}")
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) ^ self.options.key
-        return raw.view(dtype).reshape(shape)
+        masked = tensor_from_bytes(payload, torch.uint8, (len(payload),))
+        return tensor_from_bytes((masked ^ self.options.key).numpy().tobytes(), dtype, shape)
 
 
 @hookimpl
