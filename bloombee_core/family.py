@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class SpanInputs:
     masks: dict[str, Any] = field(default_factory=dict)  # layer type -> mask (None = plain causal)
     position_embeddings: dict[str, Any] = field(default_factory=dict)  # layer type -> (cos, sin)
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. ALiBi)
+    side: dict[str, torch.Tensor] = field(default_factory=dict)  # client-computed per-layer inputs
 
 
 class ModelFamily(Plugin):
@@ -140,6 +142,21 @@ class ModelFamily(Plugin):
             return layer_types[index]
         # Mistral-style configs: one sliding window for every layer when it is set
         return SLIDING if getattr(config, "sliding_window", None) is not None else FULL
+
+    def owns_kv(self, config: PretrainedConfig, index: int) -> bool:
+        """False for layers that reuse another layer's keys/values (Gemma 4 KV sharing) and cache nothing."""
+        return True
+
+    def side_inputs(self, config: PretrainedConfig) -> dict[str, int]:
+        """Per-layer inputs a span needs from the client besides hidden states: name -> feature size.
+
+        Each arrives as a tensor [batch, tokens, end - start, size] (the span's own layers), in the hidden
+        states' dtype; the client computes all layers' values with :meth:`ClientPart.side_inputs`.
+        """
+        return {}
+
+    def client_side_inputs(self, client: ClientPart, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict:
+        return {}
 
     def rotary_takes_layer_type(self, config: PretrainedConfig) -> bool:
         """Gemma 3 style: one rotary table per layer type, ``rotary(x, positions, layer_type)``."""
@@ -191,7 +208,8 @@ class ModelFamily(Plugin):
             raise ValueError(
                 f"span {start}:{end} cuts the model where it cannot be cut; allowed cuts: {cuts}"
             )
-        config = self._prepared_config(config)
+        skeleton = _meta_skeleton(config)
+        config = self._prepared_config(config, skeleton)
         source = TensorSource(path)
         layer_cls = self.decoder_layer_class(config)
         layers = []
@@ -200,12 +218,14 @@ class ModelFamily(Plugin):
                 layer = self.make_layer(layer_cls, config, index)
             prefix = f"{self.layer_prefix}{index}."
             state = {name[len(prefix) :]: source.read(name) for name in source.names(prefix)}
-            layer.load_state_dict(self.convert_layer_state(config, state), strict=True)
+            layer.load_state_dict(self.convert_layer_state(config, index, state), strict=True)
             layers.append(layer.to(device=device, dtype=dtype))
-        span = BlockSpan(self, config, start, end, layers, self.make_rotary(config))
+        span = BlockSpan(self, config, start, end, layers, self.make_rotary(config, skeleton))
         return span.to(device=device).eval()
 
-    def convert_layer_state(self, config: PretrainedConfig, state: dict[str, torch.Tensor]) -> dict:
+    def convert_layer_state(
+        self, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor]
+    ) -> dict:
         """Map a checkpoint's per-layer tensor names to the layer module's (identity unless overridden)."""
         return state
 
@@ -221,11 +241,10 @@ class ModelFamily(Plugin):
                 return getattr(modeling, name)
         raise TypeError(f"cannot find the decoder layer class of {lm_cls.__name__} (looked for {names})")
 
-    def make_rotary(self, config: PretrainedConfig) -> nn.Module | None:
+    def make_rotary(self, config: PretrainedConfig, skeleton: nn.Module) -> nn.Module | None:
+        """A fresh rotary module of the model's own class (built for real: its tables are buffers)."""
         if self.rotary is None:
             return None
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(_zero_layer_config(config))
         return type(_get_path(skeleton, self.rotary))(config=config)
 
     def _skeleton(self, config: PretrainedConfig, dtype: torch.dtype, device: str) -> nn.Module:
@@ -233,11 +252,9 @@ class ModelFamily(Plugin):
         with no_init_weights(), torch.device(device):
             return AutoModelForCausalLM.from_config(_zero_layer_config(config), dtype=dtype)
 
-    def _prepared_config(self, config: PretrainedConfig) -> PretrainedConfig:
+    def _prepared_config(self, config: PretrainedConfig, skeleton: nn.Module) -> PretrainedConfig:
         """A copy with the attention / experts implementations transformers itself would pick."""
         config = copy.deepcopy(config)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(_zero_layer_config(config))
         for attr in ("_attn_implementation", "_experts_implementation"):
             if getattr(config, attr, None) is None and getattr(skeleton.config, attr, None) is not None:
                 setattr(config, attr, getattr(skeleton.config, attr))
@@ -266,8 +283,9 @@ class ModelFamily(Plugin):
     ) -> SpanInputs:
         inputs = SpanInputs(position_ids=position_ids)
         first_of_type: dict[str, int] = {}
-        for index in range(span.start, span.end):
-            first_of_type.setdefault(self.layer_type(span.config, index), index)
+        for index in range(span.start, span.end):  # size each mask against a layer that holds a cache
+            if self.owns_kv(span.config, index):
+                first_of_type.setdefault(self.layer_type(span.config, index), index)
         for kind, index in first_of_type.items():
             make_mask = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
             inputs.masks[kind] = make_mask(
@@ -318,6 +336,13 @@ class ClientPart(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.family.logits(self, hidden)
 
+    def side_inputs(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-layer inputs for all blocks, [batch, tokens, num_blocks, size] each (empty for most families).
+
+        ``hidden`` is :meth:`embed`'s output for ``input_ids``. Send span ``a:b`` the slice ``[:, :, a:b]``.
+        """
+        return self.family.client_side_inputs(self, input_ids, hidden)
+
 
 class BlockSpan(nn.Module):
     """Decoder layers ``start:end`` of one model, runnable on their own with or without a KV cache."""
@@ -346,6 +371,8 @@ class BlockSpan(nn.Module):
         itemsize = next(self.layers.parameters()).element_size()
         total = 0
         for index in range(self.start, self.end):
+            if not self.family.owns_kv(self.config, index):
+                continue
             kv_heads, head_dim = self.family.kv_shape(self.config, index)
             length = max_length
             if self.family.layer_type(self.config, index) == SLIDING and self.config.sliding_window:
@@ -360,12 +387,15 @@ class BlockSpan(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: SpanCache | None = None,
+        side_inputs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, length = hidden.shape[:2]
         past = cache.length if cache is not None else 0
         _check_inputs(self, hidden, position_ids, attention_mask, cache, past)
+        side_inputs = _checked_side_inputs(self, hidden, side_inputs or {})
         kv = cache.kv if cache is not None else None
         inputs = self.family.span_inputs(self, hidden, position_ids, attention_mask, kv)
+        inputs.side = side_inputs
         for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
             hidden = self.family.run_layer(self, layer, index, hidden, inputs, kv)
         if cache is not None:
@@ -401,6 +431,17 @@ def _check_inputs(
                 f"the session would hold {past + length} tokens but its cache was made for {cache.max_length}; "
                 "open the session with a larger max_length"
             )
+
+
+def _checked_side_inputs(span: BlockSpan, hidden: torch.Tensor, given: dict) -> dict[str, torch.Tensor]:
+    wanted = span.family.side_inputs(span.config)
+    if set(given) != set(wanted):
+        raise ValueError(f"this span needs side inputs {sorted(wanted)}, got {sorted(given)}")
+    for name, size in wanted.items():
+        shape = (*hidden.shape[:2], span.end - span.start, size)
+        if tuple(given[name].shape) != shape:
+            raise ValueError(f"side input {name!r} must be {list(shape)}, got {list(given[name].shape)}")
+    return given
 
 
 def past_length(span: BlockSpan, kv: Any) -> int:
@@ -440,6 +481,13 @@ def _causal_lm_class(config: PretrainedConfig) -> type:
         return mapping[type(config)]
     except KeyError:
         raise TypeError(f"transformers has no causal LM for model_type {config.model_type!r}") from None
+
+
+def _meta_skeleton(config: PretrainedConfig) -> nn.Module:
+    """The model with zero layers on the meta device (no memory): to learn its classes and settings."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # 0-layer tables
+        return AutoModelForCausalLM.from_config(_zero_layer_config(config))
 
 
 def _zero_layer_config(config: PretrainedConfig) -> PretrainedConfig:

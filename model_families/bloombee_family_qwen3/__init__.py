@@ -11,7 +11,7 @@ class Qwen3Family(ModelFamily):
     description = "Qwen3 dense and Qwen3-MoE decoders (optional sliding-window layers per config.layer_types)"
     model_types = ("qwen3", "qwen3_moe")
 
-    def convert_layer_state(self, config, state):
+    def convert_layer_state(self, config, index, state):
         return fuse_experts(state, "mlp.experts", gate="gate_proj", up="up_proj", down="down_proj")
 
 
