@@ -3,10 +3,11 @@
 Run from the repository root on a machine with a CUDA GPU (under two minutes; exits 1 on a mismatch):
 
     python bench/gpu_offload_check.py [--layers 8] [--hidden 1024] [--dtype float32]
+    (or: python -m bench.gpu_offload_check ...)
 
 It builds a tiny random LLaMA (transformers' ``LlamaModel``: its ``layers`` are the offload units),
 runs prefill + cached decode with every weight on the GPU, then again after ``percent`` with
-``weights_on_device`` 0, 50 and 100, and checks the outputs are bit-identical to the all-on-GPU run
+``weights_on_device`` 100, 50 and 0 (and 50, 0 without prefetching), and checks the outputs are bit-identical to the all-on-GPU run
 (the same kernels run on the same data; only where the weights wait between forwards changes).
 
 Needs torch (CUDA), transformers, pluggy and pydantic + pydantic-settings (imported by bloombee_core);
@@ -21,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts bench/ first on the path, where bench/profile.py would shadow the
+# standard library's profile module (which torch imports); import from the repository root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 import torch  # noqa: E402
@@ -54,8 +58,8 @@ def build_model(args: argparse.Namespace) -> LlamaModel:
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 256,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 256),
         max_position_embeddings=512,
     )
     torch.manual_seed(0)
@@ -98,6 +102,8 @@ def main() -> int:
         ("percent 100", PercentOffload(PercentOffload.Options(weights_on_device=100))),
         ("percent 50", PercentOffload(PercentOffload.Options(weights_on_device=50))),
         ("percent 0", PercentOffload(PercentOffload.Options(weights_on_device=0))),
+        ("percent 50 no-pf", PercentOffload(PercentOffload.Options(weights_on_device=50, prefetch=False))),
+        ("percent 0 no-pf", PercentOffload(PercentOffload.Options(weights_on_device=0, prefetch=False))),
     ]:
         model = build_model(args)  # a fresh CPU model each time, as a server loads its span
         memory = CudaMemory(device) if cuda else None

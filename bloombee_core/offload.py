@@ -63,10 +63,14 @@ class OffloadPolicy(Plugin):
         """The parameters (of ``units``) that should stream instead of staying on the device."""
         raise NotImplementedError
 
+    def prefetch(self) -> bool:
+        """Whether, on CUDA, the next unit's streamed weights are copied while the current one computes."""
+        return True
+
     def apply(self, span: nn.Module, device: torch.device) -> nn.Module:
         """Move ``span`` to ``device``, streaming what :meth:`choose_streamed` picks; returns the span."""
         units = offload_units(span)
-        place_span(span, torch.device(device), self.choose_streamed(span, units))
+        place_span(span, torch.device(device), self.choose_streamed(span, units), prefetch=self.prefetch())
         return span
 
 
@@ -95,6 +99,10 @@ class _StreamedWeights:
     parameter rather than its ``.data`` works for any pair of devices, and keeps the parameter
     objects the rest of the program holds unchanged at rest. Forwards of one unit that overlap (two
     threads on one CUDA stream) share one copy: it is dropped when the last of them ends.
+
+    On CUDA, while a unit computes, the next streamed unit's weights are copied on a side stream
+    (``next`` links the units in forward order, the last one back to the first for the next
+    forward), so copies overlap compute; at most two units' streamed weights are on the device.
     """
 
     def __init__(self, owners: list[tuple[nn.Module, str, nn.Parameter]], device: torch.device) -> None:
@@ -102,20 +110,52 @@ class _StreamedWeights:
         self.device = device
         self.users = 0
         self.lock = threading.Lock()
+        self.next: _StreamedWeights | None = None
+        self.copy_stream: torch.cuda.Stream | None = None  # set for CUDA when prefetching
+        self.prefetched: tuple[dict[int, nn.Parameter], torch.cuda.Event] | None = None
+
+    def _copies(self) -> dict[int, nn.Parameter]:
+        # From pinned memory the copy is asynchronous but ordered on the current stream, before the
+        # kernels that read the weights; on a CPU device .to() returns the CPU tensor itself.
+        copies: dict[int, nn.Parameter] = {}
+        for _, _, param in self.owners:
+            if id(param) not in copies:
+                device_data = param.data.to(self.device, non_blocking=True)
+                copies[id(param)] = nn.Parameter(device_data, requires_grad=param.requires_grad)
+        return copies
+
+    def prefetch(self) -> None:
+        """Start copying this unit's weights on the side stream, unless they are there already."""
+        assert self.copy_stream is not None
+        with self.lock:
+            if self.users or self.prefetched is not None:
+                return
+            with torch.cuda.stream(self.copy_stream):
+                copies = self._copies()
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+            self.prefetched = (copies, done)
 
     def load(self, module: nn.Module, args: Any) -> None:
         with self.lock:
             self.users += 1
             if self.users > 1:
                 return
-            # From pinned memory this copy is asynchronous but ordered on the current stream, before
-            # the kernels that read the weights; on a CPU device .to() returns the CPU tensor itself.
-            copies: dict[int, nn.Parameter] = {}
+            if self.prefetched is not None:
+                copies, done = self.prefetched
+                self.prefetched = None
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(done)
+                for copy in copies.values():
+                    # Made on the side stream, used on this one: the allocator must not hand the
+                    # memory out again before this stream is done with it.
+                    copy.record_stream(compute)
+            else:
+                copies = self._copies()
             for owner, name, param in self.owners:
-                if id(param) not in copies:
-                    device_data = param.data.to(self.device, non_blocking=True)
-                    copies[id(param)] = nn.Parameter(device_data, requires_grad=param.requires_grad)
                 owner._parameters[name] = copies[id(param)]
+        if self.next is not None and self.next is not self:
+            self.next.prefetch()
 
     def release(self, module: nn.Module, args: Any, output: Any) -> None:
         with self.lock:
@@ -128,9 +168,14 @@ class _StreamedWeights:
                 owner._parameters[name] = param
 
 
-def place_span(span: nn.Module, device: torch.device, streamed: Iterable[nn.Parameter]) -> OffloadPlan:
+def place_span(
+    span: nn.Module, device: torch.device, streamed: Iterable[nn.Parameter], prefetch: bool = True
+) -> OffloadPlan:
     """Put every parameter and buffer of ``span`` on ``device`` except ``streamed`` parameters,
     which go to (pinned) CPU memory and visit the device only during their unit's forward.
+
+    With ``prefetch`` (CUDA only), the next unit's streamed weights are copied on a side stream
+    while the current unit computes.
 
     :raises ValueError: a policy was already applied to this span, or a streamed parameter is not in
         one of its units (only unit weights can stream: nothing would bring the others in).
@@ -165,13 +210,19 @@ def place_span(span: nn.Module, device: torch.device, streamed: Iterable[nn.Para
                 placed[id(param)] = param
                 plan.streamed_bytes += param_bytes(param)
             owners[unit].append((module, name, param))
+    streamers: list[_StreamedWeights] = []
     for unit, unit_owners in zip(units, owners, strict=True):
         if unit_owners:
             weights = _StreamedWeights(unit_owners, device)
+            streamers.append(weights)
             plan.hooks.append(unit.register_forward_pre_hook(weights.load))
             # always_call: a forward that raises must still give the device memory back.
             plan.hooks.append(unit.register_forward_hook(weights.release, always_call=True))
             plan.streamed_units += 1
+    if prefetch and device.type == "cuda" and streamers:
+        copy_stream = torch.cuda.Stream(device)
+        for weights, following in zip(streamers, streamers[1:] + streamers[:1], strict=True):
+            weights.copy_stream, weights.next = copy_stream, following
     for module in span.modules():
         for name, buffer in module.named_buffers(recurse=False):
             setattr(module, name, buffer.to(device))

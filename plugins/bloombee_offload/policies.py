@@ -26,6 +26,9 @@ class PercentOptions(PluginOptions):
     weights_on_device: int = Field(
         default=100, ge=0, le=100, description="percent of the span's parameter bytes kept on the device"
     )
+    prefetch: bool = Field(
+        default=True, description="on CUDA, copy the next block's streamed weights while one computes"
+    )
 
 
 class PercentOffload(OffloadPolicy):
@@ -39,6 +42,9 @@ class PercentOffload(OffloadPolicy):
     name: ClassVar[str] = "percent"
     description: ClassVar[str] = "a percentage of weight bytes resident, the rest streamed per forward"
     Options: ClassVar[type[PluginOptions]] = PercentOptions
+
+    def prefetch(self) -> bool:
+        return self.options.prefetch
 
     def choose_streamed(self, span: nn.Module, units: list[nn.Module]) -> list[nn.Parameter]:
         unit_params: list[nn.Parameter] = []
