@@ -62,16 +62,19 @@ class Child:
             raise StackError(f"{self.name} {state}; last log lines:\n  " + "\n  ".join(tail))
         return self.ready
 
-    def stop(self, grace: float = 15.0) -> None:
+    def terminate(self) -> None:
         if self.proc.poll() is None:  # the leader only: it shuts its DHT process and p2pd down cleanly
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        self.terminate()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
         # whatever is left of the group (a DHT process, a p2pd) goes too
         _signal_group(self.proc.pid, signal.SIGKILL)
         try:
@@ -201,6 +204,8 @@ class Stack:
         return 0
 
     def close(self) -> None:
+        for child in self.children:  # all at once: each takes a few seconds to leave the DHT
+            child.terminate()
         for child in reversed(self.children):
             child.stop()
         self.children = []

@@ -1,0 +1,193 @@
+"""Session-scoped swarms on loopback: a real bootstrap node and real server processes.
+
+Every process the tests start (servers, their DHT processes, p2pd daemons, in-process client DHTs)
+inherits ``BLOOMBEE_TEST_TAG``; at the end of the session none of them may be left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    FalconConfig,
+    Gemma2Config,
+    LlamaConfig,
+    MixtralConfig,
+    Qwen3Config,
+)
+
+from bloombee_core.stack import Child
+
+TAG = uuid.uuid4().hex
+os.environ["BLOOMBEE_TEST_TAG"] = TAG
+
+SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
+FAMILY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2),
+    "bloom": lambda: BloomConfig(vocab_size=128, hidden_size=64, n_layer=4, n_head=4),
+    "falcon": lambda: FalconConfig(
+        **SMALL, num_hidden_layers=4, new_decoder_architecture=True, num_kv_heads=2
+    ),
+    "mixtral": lambda: MixtralConfig(
+        **SMALL, intermediate_size=96, num_hidden_layers=4, num_key_value_heads=2, num_local_experts=4
+    ),
+    "qwen3": lambda: Qwen3Config(**SMALL, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2),
+    "gemma2": lambda: Gemma2Config(
+        **SMALL,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        final_logit_softcapping=30.0,
+    ),
+}
+# uneven splits; llama also has a replica of its middle span (for the fault-tolerance test)
+SPLITS = {name: ["0:1", "1:4"] for name in FAMILY_CONFIGS} | {"llama": ["0:1", "1:3", "1:3", "3:4"]}
+SMOLLM2_SPLIT = ["0:7", "7:20", "20:30"]
+
+
+def tagged_processes() -> list[tuple[int, str]]:
+    """Processes (other than this one) that inherited this session's tag.
+
+    torch's ``torch_shm_manager`` is left out: hivemind's shared-memory futures start one per process
+    tree, it is not ours to stop, and it exits by itself once the processes using it are gone.
+    """
+    found = []
+    needle = f"BLOOMBEE_TEST_TAG={TAG}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if not cmd.startswith("torch_shm_manager"):
+                    found.append((int(entry.name), cmd[:200]))
+        except OSError:
+            continue
+    return found
+
+
+class Swarm:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        boot = self._spawn("bootstrap", ["bootstrap"])
+        self.peers: list[str] = boot.wait_ready()["addrs"]
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        child = Child(f"{name}-{len(self.children)}", argv, self.log_dir)
+        self.children.append(child)
+        return child
+
+    def serve(self, model: Path | str, blocks: str, *extra: str) -> Child:
+        argv = [
+            "serve",
+            str(model),
+            "--initial-peers",
+            *self.peers,
+            "--blocks",
+            blocks,
+            "--ttl",
+            "15",
+            *extra,
+        ]
+        return self._spawn(f"server-{Path(str(model)).name}-{blocks.replace(':', '-')}", argv)
+
+    def kill9(self, child: Child) -> None:
+        """SIGKILL the server and everything it started (its DHT process and p2pd)."""
+        os.killpg(child.proc.pid, signal.SIGKILL)
+        child.proc.wait(10)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.terminate()
+        for child in reversed(self.children):
+            child.stop()
+
+
+@pytest.fixture(scope="session")
+def swarm(tmp_path_factory):
+    instance = Swarm(tmp_path_factory.mktemp("swarm-logs"))
+    try:
+        yield instance
+    finally:
+        instance.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name, make in FAMILY_CONFIGS.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(f"tiny-{name}")
+        AutoModelForCausalLM.from_config(make(), dtype=torch.float32).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_servers(swarm, tiny_models) -> dict[str, list[Child]]:
+    """Every family's tiny model served by its uneven split (all servers start in parallel)."""
+    servers = {name: [swarm.serve(tiny_models[name], b) for b in SPLITS[name]] for name in FAMILY_CONFIGS}
+    for children in servers.values():
+        for child in children:
+            child.wait_ready()
+    return servers
+
+
+@pytest.fixture(scope="session")
+def smollm2(swarm) -> Path:
+    from bloombee_core.model_files import resolve_model
+
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_servers(swarm, smollm2) -> list[Child]:
+    children = [swarm.serve(smollm2, b) for b in SMOLLM2_SPLIT]
+    for child in children:
+        child.wait_ready()
+    return children
+
+
+@pytest.fixture(scope="session")
+def remote_model(swarm):
+    """Distributed client models by folder, closed at the end of the session."""
+    from bloombee_core.client import AutoDistributedModelForCausalLM
+
+    models = {}
+
+    def get(folder: Path):
+        if folder not in models:
+            models[folder] = AutoDistributedModelForCausalLM.from_pretrained(folder, swarm.peers)
+        return models[folder]
+
+    yield get
+    for model in models.values():
+        model.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes(request):
+    yield
+    # runs after every other session fixture (the swarm, the clients) has been torn down
+    for _ in range(20):  # daemons of closed clients may take a moment to exit
+        leftovers = tagged_processes()
+        if not leftovers:
+            break
+        time.sleep(0.5)
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftovers, f"processes left behind: {leftovers}"
