@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
+import signal
 import sys
 import traceback
 from typing import Any
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         _write(old, meta, console)
         return 0
 
+    # A sweep stopped with Ctrl-C or `kill PID` must still stop its swarm (children run in their own
+    # process groups, so only this process gets the signal). A shell's background job ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    load_before = os.getloadavg()[0]
     rows, errors = sweep(args, console)
     meta = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "quick": args.quick,
         "errors": errors,
+        "load_average": f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end",
     }
     _write(report.merge_results(old, rows), meta, console)
     for error in errors:
@@ -101,7 +109,7 @@ def sweep(args: argparse.Namespace, console: Any) -> tuple[list[dict[str, Any]],
             try:
                 if model_key not in locals_:
                     progress.update(task, description=f"{model_key}: preparing model and local references")
-                    locals_[model_key] = LocalReference(load_bench_model(model_key), args.runs)
+                    locals_[model_key] = LocalReference(load_bench_model(model_key))
                 local = locals_[model_key]
                 progress.update(task, description=f"{label}: local compute + baseline, then the swarm")
 
@@ -133,6 +141,10 @@ def sweep(args: argparse.Namespace, console: Any) -> tuple[list[dict[str, Any]],
     return rows, errors
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _one_line(row: dict[str, Any]) -> str:
     what = f"{row['tokens_per_s']:.1f} tok/s" if row["tokens_per_s"] else f"{row['median_s'] * 1000:.0f} ms"
     return (
@@ -159,8 +171,6 @@ def _load_meta() -> dict[str, Any]:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 

@@ -160,7 +160,8 @@ def render_section(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if meta:
         lines.append(
             f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')}, "
-            f"{meta.get('runs', '?')} runs each, torch threads per process: {meta.get('threads', '?')}."
+            f"{meta.get('runs', '?')} runs each, torch threads per process: {meta.get('threads', '?')}, "
+            f"load average {meta.get('load_average', '?')} (the machine is shared: compare ratios, not times)."
         )
         lines.append("")
     lines.append(render_table(results) if results else "_No results yet: run `python -m bench`._\n")

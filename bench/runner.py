@@ -1,13 +1,14 @@
-"""Scenarios and the sweep: local references first (quiet machine), then one swarm per model × split × link.
+"""Scenarios and the sweep: one swarm per model × split × link, local references sampled beside it.
 
 Per swarm, every scenario runs ``runs`` times after a short warm-up; each run's time per decode step
 (total decode time / steps) or time to the first token is one sample. Σ compute for the floor comes
 from the same split run locally (:class:`bench.compute.LocalSplit`); the baseline is local transformers
-``generate`` of the whole model, both measured in the same process and the same sweep.
+``generate`` of the whole model. Both are sampled in the same process, interleaved with the swarm runs.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -58,40 +59,38 @@ def sample(timing: Any, scenario: Scenario) -> float:
 
 
 class LocalReference:
-    """Baseline (local transformers) and Σ compute (the split run locally) for one model, cached."""
+    """Baseline (local transformers) and Σ compute (the split run locally) for one model.
 
-    def __init__(self, model: BenchModel, runs: int) -> None:
+    Models are loaded once; every sample is taken on demand, so a sweep can interleave local and swarm
+    runs and all of them see the same (shared, noisy) machine.
+    """
+
+    def __init__(self, model: BenchModel) -> None:
         self.model = model
-        self.runs = runs
         self._reference: Any = None
-        self._baseline: dict[str, float] = {}
-        self._compute: dict[tuple[tuple[int, ...], str], float] = {}
+        self._splits: dict[tuple[int, ...], LocalSplit] = {}
+        self.cached: dict[tuple[tuple[int, ...], str], tuple[list[float], list[float]]] = {}
 
-    def baseline(self, scenario: Scenario) -> float:
-        if scenario.name not in self._baseline:
-            if self._reference is None:
-                self._reference = load_reference(self.model)
-            ids = random_prompt(self.model.vocab_size, scenario.batch, scenario.prompt_tokens)
-            timed_generate(self._reference, ids, min(scenario.new_tokens, 3))  # warm-up
-            runs = [
-                sample(timed_generate(self._reference, ids, scenario.new_tokens), scenario)
-                for _ in range(self.runs)
-            ]
-            self._baseline[scenario.name] = statistics.median(runs)
-        return self._baseline[scenario.name]
+    def reference(self) -> Any:
+        if self._reference is None:
+            self._reference = load_reference(self.model)
+        return self._reference
 
-    def compute(self, cuts: list[int], scenario: Scenario) -> float:
-        key = (tuple(cuts), scenario.name)
-        if key not in self._compute:
-            split = LocalSplit(self.model, cuts)
-            ids = random_prompt(self.model.vocab_size, scenario.batch, scenario.prompt_tokens)
-            split.run(ids, min(scenario.new_tokens, 3))  # warm-up
-            runs = []
-            for _ in range(self.runs):
-                prefill, steps = split.run(ids, scenario.new_tokens)
-                runs.append(_mean_total(steps) if scenario.per_step else prefill.total_s)
-            self._compute[key] = statistics.median(runs)
-        return self._compute[key]
+    def split(self, cuts: list[int]) -> LocalSplit:
+        if tuple(cuts) not in self._splits:
+            self._splits[tuple(cuts)] = LocalSplit(self.model, cuts)
+        return self._splits[tuple(cuts)]
+
+    def warm_up(self, cuts: list[int], scenario: Scenario, ids: torch.Tensor) -> None:
+        timed_generate(self.reference(), ids, min(scenario.new_tokens, 2))
+        self.split(cuts).run(ids, min(scenario.new_tokens, 2))
+
+    def baseline_sample(self, scenario: Scenario, ids: torch.Tensor) -> float:
+        return sample(timed_generate(self.reference(), ids, scenario.new_tokens), scenario)
+
+    def compute_sample(self, cuts: list[int], scenario: Scenario, ids: torch.Tensor) -> float:
+        prefill, steps = self.split(cuts).run(ids, scenario.new_tokens)
+        return _mean_total(steps) if scenario.per_step else prefill.total_s
 
 
 def _mean_total(steps: list[SplitCompute]) -> float:
@@ -166,16 +165,26 @@ def run_group(
     """Every chosen scenario on one swarm (model split over ``servers``, each behind ``link_name``)."""
     link = parse_link(link_name)
     cuts = even_cuts(model.num_blocks, servers)
-    # Local numbers first, while no swarm process competes for the CPU.
-    prepared = [(s, local.compute(cuts, s), local.baseline(s)) for s in chosen]
+    local.split(cuts)  # load before the swarm starts
     with swarm_client(model, cuts, link, threads, ready_timeout) as (client, _):
-        for scenario, compute_s, baseline_s in prepared:
+        for scenario in chosen:
             ids = random_prompt(model.vocab_size, scenario.batch, scenario.prompt_tokens)
             if scenario.prompt_tokens <= 128:  # a full warm-up of a 2048-token prefill costs a whole run
+                local.warm_up(cuts, scenario, ids)
                 timed_generate(client, ids, min(scenario.new_tokens, 2))
-            samples = [
-                sample(timed_generate(client, ids, scenario.new_tokens), scenario) for _ in range(runs)
-            ]
+            # Interleaved: each round samples the local split, the local baseline and the swarm back to back,
+            # so a burst of load from elsewhere on the machine hits all three alike.
+            # A long prefill's local numbers do not depend on the link: sample them beside the first swarm
+            # that needs them and reuse them for the other links (a full sweep must stay within minutes).
+            reuse = local.cached.get((tuple(cuts), scenario.name)) if scenario.prompt_tokens >= 1024 else None
+            swarm: list[float] = []
+            compute, baseline = (list(reuse[0]), list(reuse[1])) if reuse else ([], [])
+            for _ in range(runs):
+                if reuse is None:
+                    compute.append(local.compute_sample(cuts, scenario, ids))
+                    baseline.append(local.baseline_sample(scenario, ids))
+                swarm.append(sample(timed_generate(client, ids, scenario.new_tokens), scenario))
+            local.cached[(tuple(cuts), scenario.name)] = (compute, baseline)
             on_row(
                 make_result(
                     scenario=scenario.name,
@@ -187,10 +196,11 @@ def run_group(
                     batch=scenario.batch,
                     prompt_tokens=scenario.prompt_tokens,
                     new_tokens=scenario.new_tokens,
-                    runs_s=samples,
-                    floor=floor_for(model, scenario, servers, link, compute_s),
-                    baseline_s=baseline_s,
+                    runs_s=swarm,
+                    floor=floor_for(model, scenario, servers, link, statistics.median(compute)),
+                    baseline_s=statistics.median(baseline),
                     command=command_for(scenario.name, model.key, servers, link_name, runs, quick),
+                    notes=f"load average {os.getloadavg()[0]:.1f} at the end",
                 )
             )
 
