@@ -66,17 +66,32 @@ def build_model(args: argparse.Namespace) -> LlamaModel:
     return LlamaModel(config).to(getattr(torch, args.dtype)).eval()
 
 
+def token_ids(model: LlamaModel, device: torch.device, steps: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (2, 64 + steps), generator=generator).to(device)
+
+
 @torch.inference_mode()
 def run(model: LlamaModel, device: torch.device, steps: int) -> list[torch.Tensor]:
     """Prefill 64 tokens, then ``steps`` cached single-token steps; every hidden state, on the CPU."""
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (2, 64 + steps), generator=generator).to(device)
+    ids = token_ids(model, device, steps)
     cache = DynamicCache(config=model.config)
     # The cache goes positionally: transformers renamed that argument (past_key_values -> cache) in 5.x.
     outputs = [model(ids[:, :64], None, None, cache, use_cache=True).last_hidden_state]
     for step in range(64, 64 + steps):
         outputs.append(model(ids[:, step : step + 1], None, None, cache, use_cache=True).last_hidden_state)
     return [out.float().cpu() for out in outputs]
+
+
+def grad_forward_matches(model: LlamaModel, device: torch.device, steps: int, want: torch.Tensor) -> bool:
+    """A forward with autograd on, after inference-mode ones (prefetched copies must not leak into it)."""
+    ids = token_ids(model, device, steps)
+    got = model(ids[:, :64]).last_hidden_state
+    got.float().sum().backward()  # through every block, whose copies autograd keeps alive until here
+    grad = model.embed_tokens.weight.grad
+    model.embed_tokens.weight.grad = None
+    finite = grad is not None and bool(torch.isfinite(grad).all())
+    return finite and torch.allclose(got.detach().float().cpu(), want, atol=1e-3, rtol=1e-3)
 
 
 def main() -> int:
@@ -106,6 +121,8 @@ def main() -> int:
         ("percent 0 no-pf", PercentOffload(PercentOffload.Options(weights_on_device=0, prefetch=False))),
     ]:
         model = build_model(args)  # a fresh CPU model each time, as a server loads its span
+        model.requires_grad_(False)  # frozen blocks, as streaming requires; the embeddings (resident)
+        model.embed_tokens.weight.requires_grad_(True)  # train, so backward runs through the blocks
         memory = CudaMemory(device) if cuda else None
         policy.apply(model, device)
         after_apply = memory.used() if memory else 0
@@ -126,6 +143,9 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(outputs, reference, strict=True))
             verdict = "bit-identical" if same else f"MISMATCH (max abs diff {worst:.3g})"
             failures += not same
+        if not grad_forward_matches(model, device, args.steps, outputs[0]):
+            verdict += "; GRAD-MODE FORWARD DIFFERS"
+            failures += 1
         if cuda and (on_cpu != plan.streamed_bytes or not pinned):
             verdict += f"; WRONG PLACEMENT ({on_cpu} bytes on CPU, pinned={pinned})"
             failures += 1

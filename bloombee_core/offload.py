@@ -141,9 +141,13 @@ class _StreamedWeights:
             self.users += 1
             if self.users > 1:
                 return
-            if self.prefetched is not None:
-                copies, done = self.prefetched
-                self.prefetched = None
+            prefetched, self.prefetched = self.prefetched, None
+            if prefetched is not None and not torch.is_inference_mode_enabled():
+                # Copies made under inference_mode cannot take part in autograd: copy afresh.
+                if any(copy.is_inference() for copy in prefetched[0].values()):
+                    prefetched = None
+            if prefetched is not None:
+                copies, done = prefetched
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(done)
                 for copy in copies.values():
