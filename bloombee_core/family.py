@@ -214,11 +214,11 @@ class ModelFamily(Plugin):
         layer_cls = self.decoder_layer_class(config)
         layers = []
         for index in range(start, end):
-            with no_init_weights():
-                layer = self.make_layer(layer_cls, config, index)
             prefix = f"{self.layer_prefix}{index}."
             state = {name[len(prefix) :]: source.read(name) for name in source.names(prefix)}
-            layer.load_state_dict(self.convert_layer_state(config, index, state), strict=True)
+            layer = self._layer_from_state(
+                layer_cls, config, index, self.convert_layer_state(config, index, state)
+            )
             layers.append(layer.to(device=device, dtype=dtype))
         span = BlockSpan(self, config, start, end, layers, self.make_rotary(config, skeleton))
         return span.to(device=device).eval()
@@ -228,6 +228,21 @@ class ModelFamily(Plugin):
     ) -> dict:
         """Map a checkpoint's per-layer tensor names to the layer module's (identity unless overridden)."""
         return state
+
+    def _layer_from_state(
+        self, layer_cls: type, config: PretrainedConfig, index: int, state: dict
+    ) -> nn.Module:
+        # Built on the meta device and given the checkpoint tensors themselves: no init, no second copy
+        with torch.device("meta"):
+            layer = self.make_layer(layer_cls, config, index)
+        layer.load_state_dict(state, strict=True, assign=True)
+        if any(
+            t.is_meta for t in layer.buffers()
+        ):  # a layer that computes buffers in __init__: build for real
+            with no_init_weights():
+                layer = self.make_layer(layer_cls, config, index)
+            layer.load_state_dict(state, strict=True)
+        return layer
 
     def make_layer(self, layer_cls: type, config: PretrainedConfig, index: int) -> nn.Module:
         return layer_cls(config, layer_idx=index)
