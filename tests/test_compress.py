@@ -38,6 +38,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits_a, bits_b)
 
 
+def unsized_frame(data: bytes, window_log: int) -> bytes:
+    """A zstd frame that does not declare its content size, with the given window."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=window_log, write_content_size=False
+    )
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown up front
+    return stream.compress(data) + stream.flush()
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.name)
 def test_round_trip_is_bit_exact(cls: type[Compressor], dtype: torch.dtype) -> None:
@@ -120,13 +129,13 @@ def test_zstd_bomb_with_honest_header_is_refused() -> None:
 
 def test_zstd_bomb_without_content_size_stops_at_expected_size() -> None:
     # No size in the header: the decoder must stop after the expected bytes instead of inflating it all.
-    bomb = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(bytes(256 << 20))
+    bomb = unsized_frame(bytes(256 << 20), window_log=10)
     with pytest.raises(ValueError, match="more than 4096 bytes"):
         ZstdCompressor().decode(bomb, torch.float32, (1024,))
 
 
 def test_bytesplit_bomb_and_forged_header_are_refused() -> None:
-    bomb = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(bytes(64 << 20))
+    bomb = unsized_frame(bytes(64 << 20), window_log=10)
     forged = struct.pack("<B2I", 2, len(bomb), len(bomb)) + bomb + bomb
     with pytest.raises(ValueError, match="more than 8 bytes"):
         ZstdByteSplitCompressor().decode(forged, torch.bfloat16, (8,))
@@ -150,3 +159,11 @@ def test_hook_registers_every_builtin_through_pluggy() -> None:
     (classes,) = manager.hook.bloombee_register_compressors()
     assert {cls.name for cls in classes} == {"none", "lz4", "zstd", "zstd-bytesplit"}
     assert all(issubclass(cls, Compressor) for cls in classes)
+
+
+def test_zstd_frame_asking_for_a_huge_window_is_refused() -> None:
+    # A 64 MiB window without a content size: the decoder would allocate the window before any output.
+    frame = unsized_frame(bytes(1 << 20), window_log=26)
+    assert zstandard.get_frame_parameters(frame).window_size == 1 << 26
+    with pytest.raises(ValueError, match="67108864-byte window"):
+        ZstdCompressor().decode(frame, torch.float32, (1024,))

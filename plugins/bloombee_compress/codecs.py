@@ -20,6 +20,7 @@ from bloombee_core.plugin import PluginOptions
 
 # lz4's block format cannot hold more than this in one block (LZ4_MAX_INPUT_SIZE).
 LZ4_MAX_INPUT = 0x7E000000
+MAX_ZSTD_WINDOW_SLACK = 1 << 20
 
 
 class RawCompressor(Compressor):
@@ -94,9 +95,18 @@ def zstd_decompress_into(payload: bytes | memoryview, out: memoryview, what: str
     nbytes = len(out)
     try:
         # Checked before decoding: a lying header is refused without reading the frame at all.
-        declared = zstandard.frame_content_size(payload)
-        if declared not in (nbytes, -1, zstandard.CONTENTSIZE_UNKNOWN):
-            raise ValueError(f"zstd payload for {what} declares {declared} bytes, expected {nbytes}")
+        frame = zstandard.get_frame_parameters(payload)
+        if frame.content_size not in (nbytes, zstandard.CONTENTSIZE_UNKNOWN):
+            raise ValueError(
+                f"zstd payload for {what} declares {frame.content_size} bytes, expected {nbytes}"
+            )
+        # The decoder allocates the frame's window up front (up to 128 MiB by default): a frame for a
+        # small tensor may not ask for more than the tensor's size, with 1 MiB of slack.
+        if frame.window_size > max(MAX_ZSTD_WINDOW_SLACK, 2 * nbytes) or frame.dict_id:
+            raise ValueError(
+                f"zstd payload for {what} asks for a {frame.window_size}-byte window"
+                f"{' and a dictionary' if frame.dict_id else ''}; refusing it for a {nbytes}-byte tensor"
+            )
         reader = _contexts.decompressor.stream_reader(payload, read_across_frames=True)
         filled = 0
         while filled < nbytes:
