@@ -149,11 +149,13 @@ class Stack:
             model = str(resolve_model(self.settings.model.path))  # convert once, before servers race for it
             pending = []
             for i, server in enumerate(self.settings.server):
-                child = self._spawn(f"server-{i}", server_argv(self.settings, i, model, self.peers))
-                if server.blocks is None:  # it picks the least-served blocks: let earlier ones announce first
+                picks_blocks = server.blocks is None
+                if picks_blocks:  # it picks the least-served blocks: earlier servers must have announced
                     for other in pending:
                         self._report(other)
                     pending = []
+                child = self._spawn(f"server-{i}", server_argv(self.settings, i, model, self.peers))
+                if picks_blocks:
                     self._report(child)
                 else:
                     pending.append(child)

@@ -1,0 +1,140 @@
+"""The swarm commands as separate processes: status, generate, and `bloombee run` with a config file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .conftest import SPLITS
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bloombee_core.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def test_status_lists_servers_spans_and_coverage(swarm, tiny_models, family_servers):
+    result = cli("status", "--initial-peers", *swarm.peers, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    by_name = {m["name"]: m for m in report["models"]}
+    llama = by_name[str(tiny_models["llama"])]
+    assert llama["num_blocks"] == 4 and llama["family"] == "llama"
+    alive = [c for c in family_servers["llama"] if c.proc.poll() is None]
+    assert {s["peer"] for s in llama["servers"]} >= {c.ready["peer"] for c in alive}
+    assert all(count >= 1 for count in llama["coverage"])
+    server = llama["servers"][0]
+    assert server["throughput"] > 0 and server["cache_left"] > 0 and server["dtype"] == "float32"
+    assert len(report["models"]) >= len(SPLITS)
+
+    table = cli("status", "--initial-peers", *swarm.peers)
+    assert table.returncode == 0, table.stderr
+    assert "every block is served" in table.stdout and "throughput" in table.stdout
+
+
+def test_status_highlights_missing_blocks():
+    from bloombee_swarm.status import render
+    from rich.console import Console
+
+    report = {
+        "models": [
+            {
+                "key": "llama-x",
+                "name": "demo",
+                "family": "llama",
+                "num_blocks": 6,
+                "coverage": [1, 1, 0, 0, 1, 0],
+                "servers": [],
+            }
+        ]
+    }
+    console = Console(record=True, width=120)
+    render(report, console)
+    assert "missing blocks: 2-3, 5" in console.export_text()
+
+
+@pytest.mark.slow
+def test_generate_command_streams_the_reference_reply(swarm, smollm2, smollm2_servers):
+    prompt = "The capital of France is"
+    result = cli(
+        "generate",
+        str(smollm2),
+        "--initial-peers",
+        *swarm.peers,
+        "--prompt",
+        prompt,
+        "--no-chat",
+        "--max-new-tokens",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**ids, max_new_tokens=8, do_sample=False)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result.stdout.strip() == expected.strip()
+
+
+def test_bloombee_run_with_a_config_file(tmp_path, tiny_models, smollm2):
+    """A whole swarm from one file (bootstrap + 2 servers + a generation), then nothing is left running."""
+    config = tmp_path / "swarm.toml"
+    config.write_text(
+        f"""
+[model]
+path = "{smollm2}"
+dtype = "float32"
+
+[network]
+bootstrap = true
+
+[[server]]
+blocks = "0:11"
+
+[[server]]
+num_blocks = 19
+
+[job]
+kind = "generate"
+prompt = "The capital of France is"
+chat = false
+max_new_tokens = 6
+"""
+    )
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "BLOOMBEE_TEST_TAG": tag}
+    result = cli("run", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Paris" in result.stdout
+    assert "server-1: blocks 11:30" in result.stderr  # it chose the blocks nobody served
+    assert not _tagged(tag)
+
+
+def _tagged(tag: str) -> list:
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"BLOOMBEE_TEST_TAG={tag}".encode() in environ and not cmd.startswith(b"torch_shm_manager"):
+                found.append((entry.name, cmd[:120]))
+    return found

@@ -1,0 +1,176 @@
+"""Pure logic of the swarm: wire format and its validation, records, routing, block choice, bans."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import msgpack
+import pytest
+import torch
+from bloombee_swarm import wire
+from bloombee_swarm.records import ServerRecord, coverage, least_served_span
+from bloombee_swarm.routing import BanList, NoRouteError, plan_route
+
+from bloombee_core.transport import FrameStream
+
+
+class Pipe:
+    """An in-memory FrameStream pair endpoint (bytes written are readable by the same object)."""
+
+    def __init__(self) -> None:
+        self.reader = asyncio.StreamReader()
+
+    def stream(self) -> FrameStream:
+        pipe = self
+
+        class Writer:
+            def write(self, data):
+                pipe.reader.feed_data(bytes(data))
+
+            async def drain(self):
+                pass
+
+            def close(self):
+                pipe.reader.feed_eof()
+
+        return FrameStream(self.reader, Writer(), "peer")
+
+
+def roundtrip(tensors, codec=wire.RAW, max_bytes=1 << 30):
+    async def go():
+        stream = Pipe().stream()
+        await wire.send(stream, {"type": "x"}, tensors, codec)
+        header, metas = await wire.read_header(stream)
+        return header, await wire.read_tensors(stream, metas, wire.codec_table(), max_bytes)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensors_survive_the_wire_bit_for_bit(dtype):
+    hidden = torch.randn(2, 3, 8).to(dtype)
+    header, out = roundtrip({"hidden": hidden, "position_ids": torch.arange(6).view(2, 3)})
+    assert header["type"] == "x"
+    assert out["hidden"].dtype == dtype and torch.equal(
+        out["hidden"].view(torch.int16 if dtype != torch.float32 else torch.int32),
+        hidden.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
+    assert torch.equal(out["position_ids"], torch.arange(6).view(2, 3))
+
+
+def test_large_tensors_travel_in_chunks():
+    big = torch.randn(3, wire.CHUNK // 4 + 7)
+    _, out = roundtrip({"hidden": big})
+    assert torch.equal(out["hidden"], big)
+
+
+def test_size_limits_are_checked_before_reading_payloads():
+    with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
+        roundtrip({"hidden": torch.zeros(100, 100)}, max_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb("text"), "must be a map"),
+        (
+            msgpack.packb(
+                {"tensors": [{"name": "h", "dtype": "int8", "shape": [1], "codec": "none", "nbytes": 1}]}
+            ),
+            "dtype 'int8'",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "tensors": [
+                        {"name": "h", "dtype": "float32", "shape": [1, -2], "codec": "none", "nbytes": 1}
+                    ]
+                }
+            ),
+            "shape",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "tensors": [
+                        {"name": "h", "dtype": "float32", "shape": [1] * 9, "codec": "none", "nbytes": 4}
+                    ]
+                }
+            ),
+            "shape",
+        ),
+        (msgpack.packb({"tensors": "nope"}), "'tensors' must be a list"),
+    ],
+)
+def test_malformed_headers_are_refused_with_a_reason(header, message):
+    async def go():
+        stream = Pipe().stream()
+        await stream.write_frame(header)
+        await wire.read_header(stream)
+
+    with pytest.raises(wire.ProtocolError, match=message):
+        asyncio.run(go())
+
+
+def test_unknown_codec_is_refused():
+    async def go():
+        stream = Pipe().stream()
+        meta = {"name": "h", "dtype": "float32", "shape": [1], "codec": "zip9000", "nbytes": 4}
+        await stream.write_frame(msgpack.packb({"tensors": [meta]}))
+        _, metas = await wire.read_header(stream)
+        await wire.read_tensors(stream, metas, wire.codec_table(), 1 << 20)
+
+    with pytest.raises(wire.ProtocolError, match="unknown codec 'zip9000'"):
+        asyncio.run(go())
+
+
+def rec(peer, start, end, throughput=100.0):
+    return ServerRecord(peer, start, end, throughput, 1 << 30, "float32", "llama", "0.1")
+
+
+def test_route_covers_all_blocks_with_fewest_hops_and_lowest_latency():
+    servers = {r.peer: r for r in [rec("a", 0, 4), rec("b", 4, 8), rec("c", 0, 8), rec("d", 0, 8)]}
+    rtt = {"a": 0.001, "b": 0.001, "c": 0.050, "d": 0.002}
+    hops = plan_route(servers, 0, 8, range(9), rtt, rng=random.Random(0))
+    assert [(h.peer, h.start, h.end) for h in hops] == [("d", 0, 8)]
+    hops = plan_route(servers, 0, 8, range(9), rtt, banned={"d"}, rng=random.Random(0))
+    assert [(h.peer, h.start, h.end) for h in hops] == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_route_for_a_sub_span_uses_part_of_a_server():
+    servers = {"x": rec("x", 0, 8)}
+    assert [(h.start, h.end) for h in plan_route(servers, 2, 5, range(9))] == [(2, 5)]
+
+
+def test_no_route_names_the_missing_block():
+    servers = {"a": rec("a", 0, 3), "b": rec("b", 4, 8)}
+    with pytest.raises(NoRouteError, match="nothing serves block 3"):
+        plan_route(servers, 0, 8, range(9))
+
+
+def test_route_respects_allowed_cuts():
+    servers = {"a": rec("a", 0, 4), "b": rec("b", 2, 8)}
+    hops = plan_route(servers, 0, 8, [0, 2, 4, 8])
+    assert all(h.start in (0, 2, 4, 8) and h.end in (0, 2, 4, 8) for h in hops)
+
+
+def test_new_servers_pick_the_least_served_blocks():
+    counts = coverage([rec("a", 0, 15)], 30)
+    assert least_served_span(counts, 15, range(31)) == (15, 30)
+    assert least_served_span([2, 2, 1, 0, 0, 1], 2, range(7)) == (3, 5)
+
+
+def test_bans_grow_with_repeated_failures():
+    bans = BanList(base=10, cap=25)
+    assert bans.ban("p") == 10 and bans.ban("p") == 20 and bans.ban("p") == 25
+    assert bans.banned() == {"p"}
+
+
+def test_records_from_the_dht_are_validated():
+    good = rec("p", 1, 3).to_value()
+    assert ServerRecord.from_value("p", good).end == 3
+    assert ServerRecord.from_value("p", {**good, "start": "x"}) is None
+    assert ServerRecord.from_value("p", {**good, "start": 5, "end": 2}) is None
+    assert ServerRecord.from_value("p", [1, 2]) is None
