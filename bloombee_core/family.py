@@ -56,8 +56,9 @@ class TensorSource:
     ``reads`` lists every tensor name read, so tests can check that a span reads only its own tensors.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, base_prefix: str = "") -> None:
         self.folder = Path(folder)
+        self.stored: dict[str, str] = {}  # name we ask for -> name in the file, where they differ
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -70,6 +71,10 @@ class TensorSource:
             for shard in shards:
                 with safe_open(shard, framework="pt") as f:
                     self.files.update({name: shard for name in f.keys()})
+        if base_prefix and not any(name.startswith(base_prefix) for name in self.files):
+            # checkpoints of the bare base model (e.g. bigscience BLOOM) omit "transformer."
+            self.stored = {base_prefix + name: name for name in self.files}
+            self.files = {base_prefix + name: file for name, file in self.files.items()}
         self.reads: list[str] = []
 
     def __contains__(self, name: str) -> bool:
@@ -83,7 +88,7 @@ class TensorSource:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
         self.reads.append(name)
         with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self.stored.get(name, name))
 
 
 class SpanCache:
@@ -127,6 +132,11 @@ class ModelFamily(Plugin):
     layer_prefix: ClassVar[str] = "model.layers."  # checkpoint prefix of decoder layer ``i``
     final_norm: ClassVar[str] = "model.norm"  # attribute path of the final norm in the CausalLM
     rotary: ClassVar[str | None] = "model.rotary_emb"  # attribute path of the rotary module, if any
+
+    @property
+    def base_prefix(self) -> str:
+        """The base model's prefix in checkpoint names ("model.", "transformer.")."""
+        return self.layer_prefix.split(".", 1)[0] + "."
 
     # ---- structure -------------------------------------------------------------------------------
     def num_blocks(self, config: PretrainedConfig) -> int:
@@ -177,7 +187,7 @@ class ModelFamily(Plugin):
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> ClientPart:
-        source = TensorSource(path)
+        source = TensorSource(path, self.base_prefix)
         model = self._skeleton(config, dtype, device="cpu")
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # skipped by no_init_weights; the LM head must be the embedding matrix
@@ -210,7 +220,7 @@ class ModelFamily(Plugin):
             )
         skeleton = _meta_skeleton(config)
         config = self._prepared_config(config, skeleton)
-        source = TensorSource(path)
+        source = TensorSource(path, self.base_prefix)
         layer_cls = self.decoder_layer_class(config)
         layers = []
         for index in range(start, end):
