@@ -246,9 +246,8 @@ class ModelFamily(Plugin):
         with torch.device("meta"):
             layer = self.make_layer(layer_cls, config, index)
         layer.load_state_dict(state, strict=True, assign=True)
-        if any(
-            t.is_meta for t in layer.buffers()
-        ):  # a layer that computes buffers in __init__: build for real
+        if any(t.is_meta for t in layer.buffers()):
+            # this layer computes buffers in __init__ that are not in the checkpoint: build it for real
             with no_init_weights():
                 layer = self.make_layer(layer_cls, config, index)
             layer.load_state_dict(state, strict=True)
