@@ -5,6 +5,7 @@ crossing the proxy, in either direction, first waits for the link (serialization
 megabits per second, shared by all connections through the proxy, as one access link is) and then
 travels for ``delay_ms`` before it is written out. Order is preserved; a sender that outruns the link
 is slowed by ordinary TCP back-pressure once the link's queue holds ``queue_ms`` worth of bytes.
+Connection set-up (the TCP handshake) is not delayed; everything sent over the connection is.
 
 Library::
 
@@ -62,8 +63,8 @@ async def _sleep_until(loop: asyncio.AbstractEventLoop, due: float) -> None:
     The event loop's timers go through epoll, which rounds timeouts up to whole milliseconds: a
     plain ``asyncio.sleep`` would deliver up to 1 ms late (in practice just under 1 ms, every time,
     since delays are whole milliseconds plus a little serialization). So the loop sleeps until
-    the last millisecond and the thread sleeps the rest, blocking this proxy's loop for under 1 ms,
-    when nothing else on it is due anyway.
+    the last millisecond and the thread sleeps the rest: this proxy's other work waits at most that
+    long (a read is stamped up to 1 ms late), a smaller error than 1 ms on every delivery.
     """
     coarse = due - loop.time() - EPOLL_RESOLUTION_S
     if coarse > 0:
