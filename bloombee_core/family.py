@@ -388,6 +388,18 @@ class BlockSpan(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary
 
+    def sub_span(self, start: int, end: int) -> BlockSpan:
+        """Blocks start:end of this span, sharing its modules (a server serving part of what it holds)."""
+        cuts = self.family.allowed_cuts(self.config)
+        if not (self.start <= start < end <= self.end and start in cuts and end in cuts):
+            raise ValueError(
+                f"cannot take blocks {start}:{end} of span {self.start}:{self.end} (allowed cuts: {cuts})"
+            )
+        if (start, end) == (self.start, self.end):
+            return self
+        layers = list(self.layers)[start - self.start : end - self.start]
+        return BlockSpan(self.family, self.config, start, end, layers, self.rotary)
+
     def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
         return SpanCache(self.family.new_kv(self.config), batch_size, max_length, range(self.start, self.end))
 

@@ -131,3 +131,18 @@ def test_bad_span_is_a_clear_error(tiny_llama):
     config = load_config(tiny_llama)
     with pytest.raises(ValueError, match="outside the model's 5 blocks"):
         LlamaFamily().load_span(tiny_llama, config, 3, 9, torch.float32)
+
+
+def test_sub_span_equals_a_span_loaded_for_those_blocks(tiny_llama):
+    config = load_config(tiny_llama)
+    family = LlamaFamily()
+    whole = family.load_span(tiny_llama, config, 1, 5, torch.float32)
+    part = whole.sub_span(2, 4)
+    assert part.layers[0] is whole.layers[1]
+    loaded = family.load_span(tiny_llama, config, 2, 4, torch.float32)
+    hidden = torch.randn(1, 4, config.hidden_size)
+    positions = torch.arange(4)[None]
+    with torch.no_grad():
+        assert torch.equal(part(hidden, position_ids=positions), loaded(hidden, position_ids=positions))
+    with pytest.raises(ValueError, match="cannot take blocks 0:2"):
+        whole.sub_span(0, 2)

@@ -29,7 +29,8 @@ class BloomFamily(ModelFamily):
         heads, batch = span.config.n_head, hidden.shape[0]
         if attention_mask is None:
             keys = past_length(span, kv) + hidden.shape[1]
-            slopes = build_alibi_tensor(torch.ones(1, keys, dtype=torch.long), heads, hidden.dtype)
+            ones = torch.ones(1, keys, dtype=torch.long, device=hidden.device)
+            slopes = build_alibi_tensor(ones, heads, hidden.dtype)
             inputs.extra["alibi"] = slopes.repeat(batch, 1, 1)
         else:
             inputs.extra["alibi"] = build_alibi_tensor(attention_mask, heads, dtype=hidden.dtype)

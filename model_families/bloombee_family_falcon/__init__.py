@@ -44,7 +44,8 @@ class FalconFamily(ModelFamily):
         if config.alibi:
             batch, length = hidden.shape[:2]
             if attention_mask is None:
-                attention_mask = torch.ones(batch, length + past_length(span, kv), dtype=torch.long)
+                keys = length + past_length(span, kv)
+                attention_mask = torch.ones(batch, keys, dtype=torch.long, device=hidden.device)
             alibi = build_alibi_tensor(attention_mask, config.num_attention_heads, dtype=hidden.dtype)
             if mask is not None and mask.ndim == 4:
                 mask = _fold_alibi(mask, alibi, batch, config, hidden.dtype)
@@ -69,7 +70,7 @@ def _fold_alibi(mask: torch.Tensor, alibi: torch.Tensor, batch: int, config, dty
     """The additive mask Falcon's model builds: ALiBi scaled by 1/sqrt(head_dim), -inf where masked."""
     lowest = torch.finfo(dtype).min
     if mask.dtype == torch.bool:
-        mask = torch.where(mask, torch.zeros((), dtype=dtype), lowest)
+        mask = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), lowest)
     alibi = alibi.reshape(batch, -1, *alibi.shape[1:])
     head_dim = config.hidden_size // config.num_attention_heads
     return torch.masked_fill(alibi / math.sqrt(head_dim), mask < -1, lowest)
