@@ -10,6 +10,7 @@ from family_helpers import (
     SplitModel,
     assert_cached_decode_parity,
     assert_family_parity,
+    assert_generate_parity,
     load_reference,
     prompts,
     save_tiny,
@@ -49,6 +50,13 @@ def tiny_mistral(tmp_path_factory):
 
 def test_llama_split_equals_transformers(tiny_llama):
     assert_family_parity(LlamaFamily(), tiny_llama, CUTS)
+
+
+def test_llama_greedy_generation_of_16_tokens_is_identical(tiny_llama):
+    ids, mask = prompts(SMALL["vocab_size"], batch=1, length=6, seed=3)
+    assert_generate_parity(
+        load_reference(tiny_llama), SplitModel(LlamaFamily(), tiny_llama, CUTS), ids, mask, 16
+    )
 
 
 def test_llama_tied_embeddings_split_equals_transformers(tiny_llama_tied):
