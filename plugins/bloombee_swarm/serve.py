@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bloombee_core.transport import Transport
+from bloombee_swarm import wire
 from bloombee_swarm.aio import LoopThread
 from bloombee_swarm.records import coverage, fetch_servers, least_served_span, model_key
 from bloombee_swarm.server import Limits, SpanServer
@@ -118,9 +119,10 @@ async def start_server(
         family=family.name,
         cuts=cuts,
         dtype=dtype,
+        device=opts.device,
         cache_budget=opts.cache_bytes if opts.cache_bytes is not None else default_cache_budget(span, dtype),
         compressors=compressors,
-        output_codec=compressor if compressor is not None else compressors.get("none"),
+        output_codec=compressor if compressor is not None else wire.RAW,
         public_name=opts.public_name,
         version=version(),
         limits=limits,

@@ -80,6 +80,7 @@ class SpanServer:
         cuts: list[int],
         dtype: torch.dtype,
         cache_budget: int,
+        device: str | torch.device = "cpu",
         compressors: dict[str, Any] | None = None,
         output_codec: Any = wire.RAW,
         public_name: str = "",
@@ -93,6 +94,7 @@ class SpanServer:
         self.model, self.model_info, self.family = model, model_info, family
         self.cuts = set(cuts)
         self.dtype = dtype
+        self.device = torch.device(device)
         self.hidden_size = int(span.config.hidden_size)
         self.cache_budget, self.cache_used = cache_budget, 0
         self.codecs = wire.codec_table(compressors)
@@ -153,13 +155,16 @@ class SpanServer:
 
     def _measure_throughput(self, steps: int = 4) -> float:
         """Tokens per second through the span in batch-1 decoding, measured once at start."""
-        hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype)
+        hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
         cache = self.span.new_cache(1, steps + 1)
         with torch.inference_mode():
-            self.span(hidden, position_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache)
+            self.span(
+                hidden, position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache
+            )
             begin = time.perf_counter()
             for i in range(steps):
-                self.span(hidden, position_ids=torch.full((1, 1), i + 1, dtype=torch.long), cache=cache)
+                pos = torch.full((1, 1), i + 1, dtype=torch.long, device=self.device)
+                self.span(hidden, position_ids=pos, cache=cache)
         return steps / max(time.perf_counter() - begin, 1e-6)
 
     # ---- dispatch --------------------------------------------------------------------------------
@@ -300,11 +305,11 @@ class SpanServer:
         def run() -> torch.Tensor:
             with torch.inference_mode():
                 out = view(
-                    t["hidden"].to(self.dtype),
-                    position_ids=t["position_ids"],
-                    attention_mask=t.get("attention_mask"),
+                    t["hidden"].to(self.device, self.dtype),
+                    position_ids=t["position_ids"].to(self.device),
+                    attention_mask=_on(t.get("attention_mask"), self.device),
                 )
-            return out.to(t["hidden"].dtype)
+            return out.to("cpu", t["hidden"].dtype)
 
         await wire.send(stream, {"ok": True}, {"hidden": await self._run(run)}, self.output_codec)
 
@@ -315,10 +320,11 @@ class SpanServer:
 
         def run() -> torch.Tensor:
             with torch.enable_grad():
-                hidden = t["hidden"].to(self.dtype).requires_grad_(True)
-                out = view(hidden, position_ids=t["position_ids"], attention_mask=t.get("attention_mask"))
-                (grad,) = torch.autograd.grad(out, hidden, t["grad"].to(out.dtype))
-            return grad.to(t["hidden"].dtype)
+                hidden = t["hidden"].to(self.device, self.dtype).requires_grad_(True)
+                pos, mask = t["position_ids"].to(self.device), _on(t.get("attention_mask"), self.device)
+                out = view(hidden, position_ids=pos, attention_mask=mask)
+                (grad,) = torch.autograd.grad(out, hidden, t["grad"].to(out.device, out.dtype))
+            return grad.to("cpu", t["hidden"].dtype)
 
         await wire.send(stream, {"ok": True}, {"grad": await self._run(run)}, self.output_codec)
 
@@ -431,12 +437,12 @@ class SpanServer:
             )
         with torch.inference_mode():
             out = session.span(
-                hidden.to(self.dtype),
-                position_ids=t["position_ids"],
-                attention_mask=mask,
+                hidden.to(self.device, self.dtype),
+                position_ids=t["position_ids"].to(self.device),
+                attention_mask=_on(mask, self.device),
                 cache=session.cache,
             )
-        return out.to(hidden.dtype)
+        return out.to("cpu", hidden.dtype)
 
     async def _push(
         self, session: Session, step: int, out: torch.Tensor, inputs: dict[str, torch.Tensor]
@@ -479,6 +485,10 @@ class SpanServer:
             header, metas = message
             if header.get("type") != "push":
                 raise RequestError(f"a push stream carries only push messages, got {header.get('type')!r}")
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return tensor.to(device) if tensor is not None else None
 
 
 def _push_target(value: Any) -> tuple[str, str] | None:

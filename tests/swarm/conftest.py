@@ -134,14 +134,29 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+class FamilyServers:
+    """Each family's tiny model served by its uneven split. llama stays up for the whole session; the
+    other families run one at a time (started on first use, stopped when the next family starts), so
+    the suite never holds more than a handful of server processes."""
+
+    def __init__(self, swarm: Swarm, models: dict[str, Path]) -> None:
+        self.swarm, self.models = swarm, models
+        self.running: dict[str, list[Child]] = {}
+
+    def __getitem__(self, family: str) -> list[Child]:
+        if family not in self.running:
+            for other in [f for f in self.running if f != "llama"]:
+                for child in self.running.pop(other):
+                    child.stop()
+            self.running[family] = [self.swarm.serve(self.models[family], b) for b in SPLITS[family]]
+            for child in self.running[family]:
+                child.wait_ready()
+        return self.running[family]
+
+
 @pytest.fixture(scope="session")
-def family_servers(swarm, tiny_models) -> dict[str, list[Child]]:
-    """Every family's tiny model served by its uneven split (all servers start in parallel)."""
-    servers = {name: [swarm.serve(tiny_models[name], b) for b in SPLITS[name]] for name in FAMILY_CONFIGS}
-    for children in servers.values():
-        for child in children:
-            child.wait_ready()
-    return servers
+def family_servers(swarm, tiny_models) -> FamilyServers:
+    return FamilyServers(swarm, tiny_models)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ def left_padded(lengths: list[int], vocab: int = 128, pad: int = 0, seed: int = 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_family_greedy_matches_transformers(family, tiny_models, family_servers, remote_model):
+    family_servers[family]
     folder = tiny_models[family]
     model, ref = remote_model(folder), reference(folder)
     ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -43,6 +44,7 @@ def test_family_greedy_matches_transformers(family, tiny_models, family_servers,
 
 
 def test_sampling_matches_transformers_with_the_same_seed(tiny_models, family_servers, remote_model):
+    family_servers["llama"]
     folder = tiny_models["llama"]
     model, ref = remote_model(folder), reference(folder)
     ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -56,6 +58,7 @@ def test_sampling_matches_transformers_with_the_same_seed(tiny_models, family_se
 
 
 def test_inference_session_keeps_the_cache_across_calls(tiny_models, family_servers, remote_model):
+    family_servers["llama"]
     folder = tiny_models["llama"]
     model, ref = remote_model(folder), reference(folder)
     ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(2))
@@ -70,6 +73,7 @@ def test_inference_session_keeps_the_cache_across_calls(tiny_models, family_serv
 
 
 def test_session_length_limit_is_a_clear_error(tiny_models, family_servers, remote_model):
+    family_servers["llama"]
     model = remote_model(tiny_models["llama"])
     ids = torch.randint(1, 128, (1, 6))
     with model.inference_session(max_length=8) as _, torch.no_grad():
@@ -78,6 +82,7 @@ def test_session_length_limit_is_a_clear_error(tiny_models, family_servers, remo
 
 
 def test_backward_through_the_swarm_matches_local_gradients(tiny_models, family_servers, remote_model):
+    family_servers["llama"]
     folder = tiny_models["llama"]
     model, ref = remote_model(folder), reference(folder)
     ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(4))
