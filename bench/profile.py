@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 out,
             )
         time.sleep(1.0)  # py-spy attaches
+        before = swarm.proxy_bytes() if swarm.proxy_ports else None
         timing = timed_generate(client, ids, args.tokens)
+        after = swarm.proxy_bytes() if swarm.proxy_ports else None
         for proc, _ in recorders.values():
             proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
         for name, (proc, out) in recorders.items():
@@ -116,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: py-spy wrote nothing: {proc.stderr.read().decode(errors='replace')[-500:]}")
     step_ms = timing.decode_total_s / len(timing.step_s) * 1000
     print(f"{args.model}, {args.servers} servers, link {args.link}: {step_ms:.2f} ms per decode step")
+    if before is not None and after is not None:
+        steps = args.tokens  # the prefill's bytes are included, spread over the steps
+        hidden = model.hidden_size * model.itemsize
+        print(f"bytes per decode step through each server's link (one hidden state = {hidden} B):")
+        for i, ((up0, down0), (up1, down1)) in enumerate(zip(before, after, strict=True)):
+            print(
+                f"  server{i}: to it {(up1 - up0) / steps:8.0f} B   from it {(down1 - down0) / steps:8.0f} B"
+            )
     for _, out in recorders.values():
         if out.is_file():
             print(summarize(out))

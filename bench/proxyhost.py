@@ -5,7 +5,9 @@ client for the GIL. Usage::
 
     python -m bench.proxyhost --delay-ms 20 --mbit 100 41001:127.0.0.1:42001 41002:127.0.0.1:42002
 
-prints ``ready`` once every proxy listens, then runs until stdin closes or it gets SIGTERM.
+prints ``ready`` once every proxy listens, then runs until stdin closes or it gets SIGTERM. On SIGUSR1
+it prints one line per proxy with the bytes it has carried so far in each direction
+(``bytes PORT up=N down=N``; up = towards the server), so a profile can count what a step sends.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ def _pair(text: str) -> tuple[int, str]:
     return int(listen), target
 
 
+def _count_bytes(proxy: object) -> dict[str, int]:
+    """Count the bytes each direction of ``proxy`` books on its link (wraps its per-direction ``reserve``)."""
+    counts = {"up": 0, "down": 0}
+    for direction, attribute in (("up", "_uplink"), ("down", "_downlink")):
+        link = getattr(proxy, attribute)
+        reserve = link.reserve
+
+        def counting(nbytes: int, now: float, _reserve=reserve, _direction=direction) -> float:
+            counts[_direction] += nbytes
+            return _reserve(nbytes, now)
+
+        link.reserve = counting
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
@@ -35,12 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     from bench.wanproxy import WanProxy
 
     proxies = []
+    counters: dict[int, dict[str, int]] = {}
     for listen, target in args.pairs:
         proxy = WanProxy(listen, target, args.delay_ms, args.mbit)
+        counters[listen] = _count_bytes(proxy)
         proxy.start()
         proxies.append(proxy)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(
+        signal.SIGUSR1,
+        lambda *_: print(
+            "\n".join(f"bytes {port} up={c['up']} down={c['down']}" for port, c in counters.items()),
+            flush=True,
+        ),
+    )
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     print("ready", flush=True)
     try:

@@ -31,6 +31,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of processes in group ``pgid`` that are not zombies (Linux /proc; empty elsewhere)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state, ppid, pgrp, ...
+        state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
 class ChildError(RuntimeError):
     """A child process died or never became ready; the message carries its log tail."""
 
@@ -91,10 +108,13 @@ class Child:
                 except subprocess.TimeoutExpired:
                     continue
         # The leader may be gone while its group (p2pd, DHT fork) lingers: clear the group too.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        deadline = time.monotonic() + 5.0
+        while live_group_members(self.proc.pid) and time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.05)
         self._log.close()
 
 
@@ -120,6 +140,7 @@ class BenchSwarm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
         self.children: list[Child] = []
+        self.proxy_ports: list[int] = []  # one per server, in chain order (empty for the "direct" link)
         self.initial_peers: list[str] = []
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
@@ -136,7 +157,7 @@ class BenchSwarm:
             if self.link.name == "direct":  # no proxy: servers announce their own port
                 proxy_ports = server_ports
             else:
-                proxy_ports = [free_port() for _ in spans]
+                proxy_ports = self.proxy_ports = [free_port() for _ in spans]
                 pairs = [f"{p}:127.0.0.1:{s}" for p, s in zip(proxy_ports, server_ports, strict=True)]
                 mbit = [] if self.link.mbit is None else ["--mbit", f"{self.link.mbit:g}"]
                 proxies = self._spawn(
@@ -175,6 +196,26 @@ class BenchSwarm:
                 f"{server.name} announces {addrs}, not only its proxy (port {proxy_port}): traffic would bypass "
                 "the emulated link; check that `bloombee serve --announce` replaces the announced addresses"
             )
+
+    def proxy_bytes(self, timeout: float = 5.0) -> list[tuple[int, int]]:
+        """Bytes each server's proxy has carried so far, (to the server, from the server), in chain order."""
+        proxies = next((c for c in self.children if c.name == "proxies"), None)
+        if proxies is None:
+            raise RuntimeError("this swarm has no proxies (link 'direct'); byte counts need a proxied link")
+        seen = proxies.log_tail(1_000_000).count("bytes ")
+        os.kill(proxies.proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = proxies.log_tail(1_000_000)
+            lines = [line for line in text.splitlines() if line.startswith("bytes ")]
+            if len(lines) >= seen + len(self.proxy_ports):
+                latest = {}
+                for line in lines[-len(self.proxy_ports) :]:
+                    _, port, up, down = line.split()
+                    latest[int(port)] = (int(up.removeprefix("up=")), int(down.removeprefix("down=")))
+                return [latest[port] for port in self.proxy_ports]
+            time.sleep(0.05)
+        raise ChildError(f"the proxy host did not report its byte counts within {timeout}s")
 
     def check_alive(self) -> None:
         for child in self.children:
