@@ -44,6 +44,7 @@ class Link:
         self.bytes_per_s = mbit * 1e6 / 8 if mbit else None
         self.queue_s = queue_s
         self.free_at = 0.0  # loop time at which the link has sent everything it accepted
+        self.carried_bytes = 0  # everything booked on the link so far
 
     def backlog(self, now: float) -> float:
         """Seconds of data the link still has to send."""
@@ -51,6 +52,7 @@ class Link:
 
     def reserve(self, nbytes: int, now: float) -> float:
         """Book ``nbytes`` on the link; returns the time its last byte has been sent."""
+        self.carried_bytes += nbytes
         if self.bytes_per_s is None:
             return now
         self.free_at = max(now, self.free_at) + nbytes / self.bytes_per_s
@@ -161,6 +163,16 @@ class WanProxy:
         if self.port is None:
             raise RuntimeError("start the proxy first")
         return self.listen_host, self.port
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes carried so far from clients to the target (all connections)."""
+        return self._uplink.carried_bytes
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes carried so far from the target back to clients (all connections)."""
+        return self._downlink.carried_bytes
 
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         assert self._loop is not None

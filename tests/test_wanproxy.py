@@ -100,6 +100,7 @@ def test_without_delay_the_proxy_forwards_faithfully(echo: EchoServer) -> None:
         sender.start()
         assert recv_exactly(conn, len(payload)) == payload
         sender.join()
+        assert proxy.bytes_up == proxy.bytes_down == len(payload)
 
 
 def test_bulk_throughput_stays_under_the_cap() -> None:
