@@ -51,9 +51,16 @@ class SplitModel:
 
     @torch.no_grad()
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, caches: list[SpanCache] | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        caches: list[SpanCache] | None,
+        send_mask: bool = True,
     ) -> torch.Tensor:
-        """Logits for ``input_ids`` (the new tokens); ``attention_mask`` covers past + new tokens."""
+        """Logits for ``input_ids`` (the new tokens); ``attention_mask`` covers past + new tokens.
+
+        ``send_mask=False`` gives the spans no mask (the no-padding shortcut a client may take).
+        """
         length = input_ids.shape[1]
         position_ids = positions_like_generate(attention_mask)[:, -length:]
         hidden = self.client.embed(input_ids)
@@ -64,7 +71,7 @@ class SplitModel:
             hidden = span(
                 hidden,
                 position_ids=position_ids,
-                attention_mask=attention_mask,
+                attention_mask=attention_mask if send_mask else None,
                 cache=cache,
                 side_inputs=span_side,
             )
@@ -90,12 +97,12 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.M
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def _reference_step(model, input_ids, attention_mask, cache):
+def _reference_step(model, input_ids, attention_mask, cache, send_mask=True):
     length = input_ids.shape[1]
     position_ids = positions_like_generate(attention_mask)[:, -length:]
     out = model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=attention_mask if send_mask else None,
         position_ids=position_ids,
         cache=cache,
         use_cache=True,
@@ -111,18 +118,19 @@ def assert_cached_decode_parity(
     attention_mask: torch.Tensor,
     steps: int = 16,
     atol: float = FP32_ATOL,
+    send_mask: bool = True,
 ) -> None:
     """Prefill then ``steps`` single-token steps through the KV cache; logits equal at every step."""
-    ref_logits, ref_cache = _reference_step(reference, input_ids, attention_mask, None)
+    ref_logits, ref_cache = _reference_step(reference, input_ids, attention_mask, None, send_mask)
     caches = split.new_caches(input_ids.shape[0], input_ids.shape[1] + steps)
-    logits = split.forward(input_ids, attention_mask, caches)
+    logits = split.forward(input_ids, attention_mask, caches, send_mask)
     _assert_close(logits, ref_logits, atol, "prefill", attention_mask)
     mask = attention_mask
     for step in range(steps):
         token = ref_logits[:, -1].argmax(-1, keepdim=True)  # both sides decode the reference's token
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        ref_logits, ref_cache = _reference_step(reference, token, mask, ref_cache)
-        logits = split.forward(token, mask, caches)
+        ref_logits, ref_cache = _reference_step(reference, token, mask, ref_cache, send_mask)
+        logits = split.forward(token, mask, caches, send_mask)
         _assert_close(logits, ref_logits, atol, f"decode step {step}", None)
     assert all(c.length == input_ids.shape[1] + steps for c in caches)
 
@@ -175,6 +183,7 @@ def assert_family_parity(family: ModelFamily, path: Path, cuts: list[int]) -> No
     split = SplitModel(family, path, cuts)
     ids, mask = prompts(config.vocab_size, batch=1, length=7)
     assert_cached_decode_parity(reference, split, ids, mask, steps=16)
+    assert_cached_decode_parity(reference, split, ids, mask, steps=4, send_mask=False)
     ids, mask = left_padded(config.vocab_size, [5, 9, 3])
     assert_cached_decode_parity(reference, split, ids, mask, steps=4)
     assert_generate_parity(reference, split, ids, mask, max_new_tokens=8)
