@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 from typing import Any
 
@@ -11,8 +12,14 @@ from bloombee_swarm.records import coverage, fetch_models, fetch_servers
 
 async def collect(transport: Transport) -> dict[str, Any]:
     """``{"models": [{"key", "name", "family", "num_blocks", "servers": [...], "coverage": [...]}]}``."""
+    found = await fetch_models(transport)
+    for _ in range(3):  # a node that just joined may not reach the record holders on its first lookups
+        if found:
+            break
+        await asyncio.sleep(1.0)
+        found = await fetch_models(transport)
     models = []
-    for key, info in sorted((await fetch_models(transport)).items()):
+    for key, info in sorted(found.items()):
         servers = await fetch_servers(transport, key, info["num_blocks"])
         records = sorted(servers.values(), key=lambda r: (r.start, r.end, r.peer))
         models.append(

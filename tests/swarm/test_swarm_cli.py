@@ -29,6 +29,7 @@ def test_status_lists_servers_spans_and_coverage(swarm, tiny_models, family_serv
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     by_name = {m["name"]: m for m in report["models"]}
+    assert str(tiny_models["llama"]) in by_name, f"llama missing from the status report: {sorted(by_name)}"
     llama = by_name[str(tiny_models["llama"])]
     assert llama["num_blocks"] == 4 and llama["family"] == "llama"
     alive = [c for c in family_servers["llama"] if c.proc.poll() is None]
