@@ -6,13 +6,25 @@ then call ``assert_parity`` (prefill + 16 cached decode steps, greedy generation
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanCache, load_config
+from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanCache, TensorSource, load_config
 
+# Sizes shared by the tiny test models; each family test adds what its config needs.
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 FP32_ATOL = 1e-5
 # bf16 runs compare against transformers also run in bf16. Both execute the same kernels in the same order,
 # so in practice the logits agree exactly; the tolerance only leaves room for a different fusion/accumulation
@@ -198,10 +210,9 @@ def assert_bf16_parity(family: ModelFamily, path: Path, cuts: list[int]) -> None
     assert_cached_decode_parity(reference, split, ids, mask, steps=8, atol=BF16_ATOL)
 
 
-def span_tensor_reads(family: ModelFamily, path: Path, start: int, end: int, monkeypatch) -> list[str]:
-    """Names of the checkpoint tensors read while loading span ``start:end`` (real reads, recorded)."""
-    from bloombee_core.family import TensorSource
-
+@contextmanager
+def tensor_reads(monkeypatch) -> Iterator[list[str]]:
+    """Record the name of every checkpoint tensor read inside the block (the reads really happen)."""
     read: list[str] = []
     original = TensorSource.read
 
@@ -210,18 +221,19 @@ def span_tensor_reads(family: ModelFamily, path: Path, start: int, end: int, mon
         return original(self, name)
 
     monkeypatch.setattr(TensorSource, "read", recording_read)
-    family.load_span(path, load_config(path), start, end, torch.float32)
-    monkeypatch.setattr(TensorSource, "read", original)
-    return read
+    try:
+        yield read
+    finally:
+        monkeypatch.setattr(TensorSource, "read", original)
 
 
 def assert_span_reads_only_its_tensors(
     family: ModelFamily, path: Path, monkeypatch, start: int = 1, end: int = 3
 ) -> None:
     """Loading blocks start:end reads exactly those blocks' tensors, and nothing else."""
-    from bloombee_core.family import TensorSource
-
     source = TensorSource(path)
     wanted = sorted(name for i in range(start, end) for name in source.names(f"{family.layer_prefix}{i}."))
     assert wanted, f"no tensors under {family.layer_prefix}{start}. in {path}"
-    assert sorted(span_tensor_reads(family, path, start, end, monkeypatch)) == wanted
+    with tensor_reads(monkeypatch) as read:
+        family.load_span(path, load_config(path), start, end, torch.float32)
+    assert sorted(read) == wanted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from bloombee_family_falcon import FalconFamily
 from family_helpers import (
+    TINY,
     assert_bf16_parity,
     assert_family_parity,
     assert_span_reads_only_its_tensors,
@@ -12,9 +13,7 @@ from family_helpers import (
 )
 from transformers import FalconConfig
 
-SMALL = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, max_position_embeddings=256
-)
+SMALL = {k: v for k, v in TINY.items() if k not in ("intermediate_size", "num_key_value_heads")}
 CONFIGS = {
     # Falcon-40B/180B style: grouped KV heads, two parallel LayerNorms
     "new_decoder": lambda: FalconConfig(**SMALL, new_decoder_architecture=True, num_kv_heads=2),

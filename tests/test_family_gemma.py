@@ -6,6 +6,7 @@ import pytest
 import torch
 from bloombee_family_gemma import GemmaFamily
 from family_helpers import (
+    TINY,
     assert_bf16_parity,
     assert_family_parity,
     assert_span_reads_only_its_tensors,
@@ -15,16 +16,7 @@ from transformers import Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, Gemma
 
 from bloombee_core.family import load_config
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+SMALL = dict(TINY, head_dim=16)
 CONFIGS = {
     "gemma": lambda: GemmaConfig(**SMALL),
     # window 4 < prompt length, logit soft-caps on: every Gemma-2 specific path is exercised

@@ -7,44 +7,38 @@ import torch
 from bloombee_family_llama import LlamaFamily
 from family_helpers import (
     BF16_ATOL,
+    TINY,
     SplitModel,
     assert_cached_decode_parity,
     assert_family_parity,
     assert_generate_parity,
+    assert_span_reads_only_its_tensors,
     load_reference,
     prompts,
     save_tiny,
+    tensor_reads,
 )
 from transformers import LlamaConfig, MistralConfig
 
-from bloombee_core.family import TensorSource, load_config
+from bloombee_core.family import load_config
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
 CUTS = [0, 1, 3, 5]  # an uneven split: 0:1, 1:3, 3:5
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    return save_tiny(LlamaConfig(**SMALL, tie_word_embeddings=False), tmp_path_factory.mktemp("llama"))
+    return save_tiny(LlamaConfig(**TINY, tie_word_embeddings=False), tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory):
-    return save_tiny(LlamaConfig(**SMALL, tie_word_embeddings=True), tmp_path_factory.mktemp("llama_tied"))
+    return save_tiny(LlamaConfig(**TINY, tie_word_embeddings=True), tmp_path_factory.mktemp("llama_tied"))
 
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory):
     # a window shorter than the prompts so the sliding-window mask and cache trimming really matter
-    config = MistralConfig(**SMALL, sliding_window=4, tie_word_embeddings=False)
+    config = MistralConfig(**TINY, sliding_window=4, tie_word_embeddings=False)
     return save_tiny(config, tmp_path_factory.mktemp("mistral"))
 
 
@@ -53,7 +47,7 @@ def test_llama_split_equals_transformers(tiny_llama):
 
 
 def test_llama_greedy_generation_of_16_tokens_is_identical(tiny_llama):
-    ids, mask = prompts(SMALL["vocab_size"], batch=1, length=6, seed=3)
+    ids, mask = prompts(TINY["vocab_size"], batch=1, length=6, seed=3)
     assert_generate_parity(
         load_reference(tiny_llama), SplitModel(LlamaFamily(), tiny_llama, CUTS), ids, mask, 16
     )
@@ -73,26 +67,14 @@ def test_mistral_sliding_window_split_equals_transformers(tiny_mistral):
 def test_bf16_split_matches_transformers_bf16(tiny_llama):
     reference = load_reference(tiny_llama, torch.bfloat16)
     split = SplitModel(LlamaFamily(), tiny_llama, CUTS, dtype=torch.bfloat16)
-    ids, mask = prompts(SMALL["vocab_size"], batch=2, length=7)
+    ids, mask = prompts(TINY["vocab_size"], batch=2, length=7)
     assert_cached_decode_parity(reference, split, ids, mask, steps=16, atol=BF16_ATOL)
 
 
 def test_span_reads_only_its_own_tensors(tiny_llama, monkeypatch):
-    read: list[str] = []
-    original = TensorSource.read
-
-    def recording_read(self, name):
-        read.append(name)
-        return original(self, name)
-
-    monkeypatch.setattr(TensorSource, "read", recording_read)
-    config = load_config(tiny_llama)
-    per_layer = len(TensorSource(tiny_llama).names("model.layers.0."))
-    LlamaFamily().load_span(tiny_llama, config, 1, 3, torch.float32)
-    assert len(read) == 2 * per_layer
-    assert all(name.startswith(("model.layers.1.", "model.layers.2.")) for name in read)
-    read.clear()
-    LlamaFamily().load_client(tiny_llama, config, torch.float32)
+    assert_span_reads_only_its_tensors(LlamaFamily(), tiny_llama, monkeypatch)
+    with tensor_reads(monkeypatch) as read:
+        LlamaFamily().load_client(tiny_llama, load_config(tiny_llama), torch.float32)
     assert sorted(read) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
 
 
@@ -105,7 +87,7 @@ def test_backward_through_span_matches_transformers(tiny_llama):
         for a, b in zip(CUTS[:-1], CUTS[1:], strict=True)
     ]
     reference = load_reference(tiny_llama)
-    ids, mask = prompts(SMALL["vocab_size"], batch=2, length=6)
+    ids, mask = prompts(TINY["vocab_size"], batch=2, length=6)
     position_ids = torch.arange(6).expand(2, 6)
 
     hidden = client.embed(ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from bloombee_family_mixtral import MixtralFamily
 from family_helpers import (
+    TINY,
     assert_bf16_parity,
     assert_family_parity,
     assert_span_reads_only_its_tensors,
@@ -14,17 +15,7 @@ from transformers import MixtralConfig
 
 from bloombee_core.family import TensorSource
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=64,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-)
+SMALL = dict(TINY, num_local_experts=4, num_experts_per_tok=2)
 CONFIGS = {
     "mixtral": lambda: MixtralConfig(**SMALL),
     "mixtral_sliding": lambda: MixtralConfig(**SMALL, sliding_window=4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from bloombee_family_qwen3 import Qwen3Family
 from family_helpers import (
+    TINY,
     assert_bf16_parity,
     assert_family_parity,
     assert_span_reads_only_its_tensors,
@@ -12,16 +13,7 @@ from family_helpers import (
 )
 from transformers import Qwen3Config, Qwen3MoeConfig
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+SMALL = dict(TINY, head_dim=16)
 CONFIGS = {
     "qwen3": lambda: Qwen3Config(**SMALL, tie_word_embeddings=False),
     # layers from 2 on use a 4-token window: a mix of full and sliding layers inside one span
