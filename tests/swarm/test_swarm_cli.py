@@ -25,11 +25,14 @@ def cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess
 
 
 def test_status_lists_servers_spans_and_coverage(swarm, tiny_models, family_servers):
+    family_servers["llama"]  # started on first use
     result = cli("status", "--initial-peers", *swarm.peers, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     by_name = {m["name"]: m for m in report["models"]}
-    assert str(tiny_models["llama"]) in by_name, f"llama missing from the status report: {sorted(by_name)}"
+    assert str(tiny_models["llama"]) in by_name, (
+        f"llama missing from the status report: {result.stdout} {result.stderr}"
+    )
     llama = by_name[str(tiny_models["llama"])]
     assert llama["num_blocks"] == 4 and llama["family"] == "llama"
     alive = [c for c in family_servers["llama"] if c.proc.poll() is None]
