@@ -174,3 +174,23 @@ def test_records_from_the_dht_are_validated():
     assert ServerRecord.from_value("p", {**good, "start": "x"}) is None
     assert ServerRecord.from_value("p", {**good, "start": 5, "end": 2}) is None
     assert ServerRecord.from_value("p", [1, 2]) is None
+
+
+def test_hidden_states_can_travel_compressed_and_the_header_names_the_codec():
+    from bloombee_core.plugins import load_plugins
+
+    zstd = load_plugins().create("compressors", "zstd")
+    hidden = torch.randn(2, 5, 16).to(torch.bfloat16)
+
+    async def go():
+        stream = Pipe().stream()
+        await wire.send(
+            stream, {}, {"hidden": hidden, "position_ids": torch.zeros(2, 5, dtype=torch.long)}, zstd
+        )
+        _, metas = await wire.read_header(stream)
+        out = await wire.read_tensors(stream, metas, wire.codec_table({"zstd": zstd}), 1 << 20)
+        return metas, out
+
+    metas, out = asyncio.run(go())
+    assert {m.name: m.codec for m in metas} == {"hidden": "zstd", "position_ids": "none"}
+    assert torch.equal(out["hidden"].view(torch.int16), hidden.view(torch.int16))
