@@ -452,8 +452,8 @@ def _check_inputs(
             f"hidden states must be [batch, tokens, {span.config.hidden_size}], got {list(hidden.shape)}"
         )
     batch, length = hidden.shape[:2]
-    if tuple(position_ids.shape) != (batch, length):
-        raise ValueError(f"position_ids must be [{batch}, {length}], got {list(position_ids.shape)}")
+    if position_ids.ndim != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+        raise ValueError(f"position_ids must be [{batch} or 1, {length}], got {list(position_ids.shape)}")
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
         raise ValueError(
             f"attention_mask must be [batch, past+tokens] = [{batch}, {past + length}], "
