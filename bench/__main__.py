@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--link", action="append", choices=tuple(LINKS), help="repeatable; default: 0ms, 20ms, 50ms"
     )
+    p.add_argument(
+        "--variant",
+        default="",
+        choices=("", "coalesce"),
+        help="run a trial hot-path fix from bench/fastpath.py (rows are labelled with it)",
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per scenario (median and spread over them)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (client, servers, local)"
@@ -130,6 +136,7 @@ def sweep(args: argparse.Namespace, console: Any) -> tuple[list[dict[str, Any]],
                     args.threads,
                     args.quick,
                     on_row=on_row,
+                    variant=args.variant,
                 )
             except KeyboardInterrupt:
                 errors.append(f"{label}: interrupted")

@@ -8,6 +8,8 @@ Rows (median round trip over ``--rounds`` echoes, after a warm-up):
 * ``tcp direct``      asyncio TCP echo on loopback: the operating system's share;
 * ``tcp via proxy``   the same through a 0 ms WAN proxy (in its own process, as in the benchmarks): what
   the emulation itself adds per crossing;
+* ``tcp via 20ms proxy, minus 40 ms``  the same with 20 ms each way, less the 40 ms asked for: the proxy's
+  timer slack (it sleeps until each piece is due; on a loaded machine wake-ups come late);
 * ``p2p frames``      a libp2p stream through two p2pd daemons (the hivemind transport), raw frames;
 * ``p2p wire msgs``   the same with the swarm's wire format (msgpack header + tensor payload) both ways;
 * ``p2p via proxy``   wire messages with the server's p2pd behind the 0 ms proxy.
@@ -51,11 +53,18 @@ async def _tcp_rounds(port: int, payload: bytes, rounds: int) -> list[float]:
     return times
 
 
-def _start_proxy(target_port: int) -> tuple[subprocess.Popen, int]:
+def _start_proxy(target_port: int, delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     from bench.swarm import free_port
 
     port = free_port()
-    argv = [sys.executable, "-m", "bench.proxyhost", "--delay-ms", "0", f"{port}:127.0.0.1:{target_port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.proxyhost",
+        "--delay-ms",
+        f"{delay_ms:g}",
+        f"{port}:127.0.0.1:{target_port}",
+    ]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     line = proc.stdout.readline().decode() if proc.stdout else ""
     if "ready" not in line:
@@ -140,6 +149,15 @@ async def _measure(payload_bytes: int, rounds: int) -> dict[str, list[float]]:
     finally:
         proxy.terminate()
         proxy.wait(10)
+    # With a delay the proxy sleeps until each piece is due: what it adds beyond 2 × delay is its timer slack.
+    proxy, proxy_port = _start_proxy(port, 20.0)
+    try:
+        rows["tcp via 20ms proxy, minus 40 ms"] = [
+            t - 0.040 for t in (await _tcp_rounds(proxy_port, payload, rounds // 10 + 5))[5:]
+        ]
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
     server.close()
     rows.update(await _p2p_rows(payload_bytes, rounds))
     return rows
@@ -154,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"echo of {args.bytes} bytes, median of {args.rounds} round trips (half = one hop):")
     for label, times in rows.items():
         rtt = statistics.median(times) * 1000
-        print(f"  {label:<14} round trip {rtt:6.3f} ms   one way {rtt / 2:6.3f} ms")
+        print(f"  {label:<31} round trip {rtt:6.3f} ms   one way {rtt / 2:6.3f} ms")
     return 0
 
 

@@ -74,7 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=200, help="tokens decoded while sampling")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variant", default="", help="a trial fix from bench/fastpath.py (e.g. coalesce)")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="no sampling: CPU seconds per decode step of every process group (robust on a shared machine)",
+    )
     args = p.parse_args(argv)
+    if args.cpu:
+        return cpu_per_step(args)
     if shutil.which("py-spy") is None:
         p.error("py-spy is not installed (pip install py-spy)")
 
@@ -88,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     cuts = even_cuts(model.num_blocks, args.servers)
     OUT.mkdir(parents=True, exist_ok=True)
     ids = random_prompt(model.vocab_size, 1, 16)
-    with swarm_client(model, cuts, parse_link(args.link), args.threads, 120.0) as (client, swarm):
+    with swarm_client(model, cuts, parse_link(args.link), args.threads, 120.0, args.variant) as (
+        client,
+        swarm,
+    ):
         timed_generate(client, ids, 8)  # warm-up
         targets = {"client": os.getpid()} | {
             c.name: c.proc.pid for c in swarm.children if c.name.startswith("server")
@@ -129,6 +140,51 @@ def main(argv: list[str] | None = None) -> int:
     for _, out in recorders.values():
         if out.is_file():
             print(summarize(out))
+    return 0
+
+
+def cpu_per_step(args: argparse.Namespace) -> int:
+    """CPU time (not wall time) per decode step, per process group: contention barely moves it."""
+    from bench.compute import LocalSplit, timed_generate
+    from bench.floors import parse_link
+    from bench.models import even_cuts, load_bench_model, random_prompt
+    from bench.runner import set_threads, swarm_client
+    from bench.swarm import group_cpu_seconds
+
+    set_threads(args.threads)
+    model = load_bench_model(args.model)
+    cuts = even_cuts(model.num_blocks, args.servers)
+    ids = random_prompt(model.vocab_size, 1, 16)
+    split = LocalSplit(model, cuts)
+    split.run(ids, 8)
+    cpu = time.process_time()
+    split.run(ids, args.tokens + 1)
+    local_ms = (time.process_time() - cpu) / args.tokens * 1000
+    with swarm_client(model, cuts, parse_link(args.link), args.threads, 120.0, args.variant) as (
+        client,
+        swarm,
+    ):
+        timed_generate(client, ids, 8)  # warm-up
+        groups = {"client": os.getpgid(0)} | {
+            c.name: c.proc.pid for c in swarm.children if c.name != "bootstrap"
+        }
+        before = {name: group_cpu_seconds(pgid) for name, pgid in groups.items()}
+        timing = timed_generate(client, ids, args.tokens + 1)
+        after = {name: group_cpu_seconds(pgid) for name, pgid in groups.items()}
+    wall_ms = timing.decode_total_s / len(timing.step_s) * 1000
+    label = f"{args.model}, {args.servers} servers, link {args.link}" + (
+        f", variant {args.variant}" if args.variant else ""
+    )
+    print(f"{label}: {wall_ms:.2f} ms wall per decode step; CPU ms per step (prefill included, spread):")
+    total = 0.0
+    for name in groups:
+        parts = {k: (v - before[name].get(k, 0.0)) / args.tokens * 1000 for k, v in after[name].items()}
+        total += sum(parts.values())
+        detail = "  ".join(f"{k} {v:5.2f}" for k, v in sorted(parts.items()))
+        print(f"  {name:<8} {sum(parts.values()):6.2f}   ({detail})")
+    print(
+        f"  {'all':<8} {total:6.2f}   (the same split run locally: {local_ms:.2f}; the rest is framework + p2pd)"
+    )
     return 0
 
 

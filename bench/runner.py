@@ -46,8 +46,11 @@ def scenarios(quick: bool = False) -> dict[str, Scenario]:
     }
 
 
-def command_for(scenario: str, model: str, servers: int, link: str, runs: int, quick: bool) -> str:
+def command_for(
+    scenario: str, model: str, servers: int, link: str, runs: int, quick: bool, variant: str = ""
+) -> str:
     extra = (" --quick" if quick else "") + (f" --runs {runs}" if runs != 3 else "")
+    extra += f" --variant {variant}" if variant else ""
     return f"python -m bench --scenario {scenario} --model {model} --servers {servers} --link {link}{extra}"
 
 
@@ -113,13 +116,14 @@ def floor_for(model: BenchModel, scenario: Scenario, servers: int, link: Link, c
 
 @contextmanager
 def swarm_client(
-    model: BenchModel, cuts: list[int], link: Link, threads: int, ready_timeout: float
+    model: BenchModel, cuts: list[int], link: Link, threads: int, ready_timeout: float, variant: str = ""
 ) -> Iterator[Any]:
     """A running swarm for ``cuts`` behind ``link`` and a client connected to it: yields (client, swarm)."""
+    from bench.fastpath import patched
     from bench.swarm import BenchSwarm
     from bloombee_core.client import AutoDistributedModelForCausalLM
 
-    with BenchSwarm(model.path, cuts, link, threads=threads) as swarm:
+    with patched(variant), BenchSwarm(model.path, cuts, link, threads=threads, variant=variant) as swarm:
         client = AutoDistributedModelForCausalLM.from_pretrained(
             model.path, initial_peers=swarm.initial_peers, dtype=model.dtype
         )
@@ -161,12 +165,13 @@ def run_group(
     quick: bool,
     on_row: Callable[[dict[str, Any]], None],
     ready_timeout: float = 120.0,
+    variant: str = "",
 ) -> None:
     """Every chosen scenario on one swarm (model split over ``servers``, each behind ``link_name``)."""
     link = parse_link(link_name)
     cuts = even_cuts(model.num_blocks, servers)
     local.split(cuts)  # load before the swarm starts
-    with swarm_client(model, cuts, link, threads, ready_timeout) as (client, _):
+    with swarm_client(model, cuts, link, threads, ready_timeout, variant) as (client, _):
         for scenario in chosen:
             ids = random_prompt(model.vocab_size, scenario.batch, scenario.prompt_tokens)
             if scenario.prompt_tokens <= 128:  # a full warm-up of a 2048-token prefill costs a whole run
@@ -199,7 +204,8 @@ def run_group(
                     runs_s=swarm,
                     floor=floor_for(model, scenario, servers, link, statistics.median(compute)),
                     baseline_s=statistics.median(baseline),
-                    command=command_for(scenario.name, model.key, servers, link_name, runs, quick),
+                    command=command_for(scenario.name, model.key, servers, link_name, runs, quick, variant),
+                    variant=variant,
                     notes=f"load average {os.getloadavg()[0]:.1f} at the end",
                 )
             )

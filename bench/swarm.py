@@ -31,9 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of processes in group ``pgid`` that are not zombies (Linux /proc; empty elsewhere)."""
-    members = []
+def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc stat fields after the command name) of every process in group ``pgid`` (Linux)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -41,11 +41,28 @@ def live_group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # fields after the parenthesised command: state, ppid, pgrp, ...
-        state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
+        fields = stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp, ..., utime (12), stime (13)
+        if int(fields[2]) == pgid:
+            found.append((int(entry.name), fields))
+    return found
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of processes in group ``pgid`` that are not zombies (Linux /proc; empty elsewhere)."""
+    return [pid for pid, fields in _group_stats(pgid) if fields[0] != "Z"]
+
+
+def group_cpu_seconds(pgid: int) -> dict[str, float]:
+    """User + system CPU seconds used so far by the live processes of group ``pgid``, by program (p2pd, python)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid, fields in _group_stats(pgid):
+        try:
+            program = "p2pd" if "p2pd" in os.readlink(f"/proc/{pid}/exe") else "python"
+        except OSError:
+            program = "?"
+        out[program] = out.get(program, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
 
 
 class ChildError(RuntimeError):
@@ -130,6 +147,7 @@ class BenchSwarm:
         threads: int = 1,
         log_dir: Path | None = None,
         start_timeout: float = 120.0,
+        variant: str = "",
     ) -> None:
         self.model_path = model_path
         self.cuts = cuts
@@ -139,6 +157,8 @@ class BenchSwarm:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bloombee-bench-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
+        # A trial fix (bench/fastpath.py) runs the servers through its own entry point.
+        self.server_module = ["-m", "bench.fastpath", variant] if variant else ["-m", "bloombee_core.cli"]
         self.children: list[Child] = []
         self.proxy_ports: list[int] = []  # one per server, in chain order (empty for the "direct" link)
         self.initial_peers: list[str] = []
@@ -171,7 +191,7 @@ class BenchSwarm:
                 self._spawn(
                     f"server{i}",
                     [
-                        "-m", "bloombee_core.cli", "serve", str(self.model_path),
+                        *self.server_module, "serve", str(self.model_path),
                         "--initial-peers", *self.initial_peers,
                         "--blocks", f"{a}:{b}",
                         "--dtype", self.dtype,
