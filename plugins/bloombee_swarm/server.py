@@ -525,4 +525,22 @@ async def _reply_error(stream: FrameStream, message: str, code: str) -> None:
     try:
         await wire.send(stream, wire.error_header(message, code=code))
     except Exception:  # noqa: BLE001 - the peer may be gone already
+        return
+    # Linger briefly, dropping whatever the peer still sends (the rest of a refused request): closing
+    # while bytes are in flight resets the stream, and the peer would lose the error reply.
+    try:
+        await asyncio.wait_for(_discard(stream, LINGER_BYTES), LINGER_SECONDS)
+    except Exception:  # noqa: BLE001 - a peer that keeps sending is cut off
         pass
+
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 << 20
+
+
+async def _discard(stream: FrameStream, limit: int) -> None:
+    while limit > 0:
+        chunk = await stream.reader.read(1 << 16)
+        if not chunk:
+            return
+        limit -= len(chunk)
