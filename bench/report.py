@@ -193,7 +193,9 @@ def plot(results: list[dict[str, Any]], out_dir: Path = IMG) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    decode = [r for r in results if r["scenario"] == "decode" and not r.get("variant")]
+    # Trial variants and the proxy-less "direct" rows are comparisons, not points on a latency curve.
+    plain = [r for r in results if not r.get("variant") and r["link"] != "direct"]
+    decode = [r for r in plain if r["scenario"] == "decode"]
     if decode:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (label, servers), rows in _group(decode, ("model_label", "servers")).items():
@@ -214,7 +216,7 @@ def plot(results: list[dict[str, Any]], out_dir: Path = IMG) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    rated = [r for r in results if r["ratio_to_floor"] is not None and not r.get("variant")]
+    rated = [r for r in plain if r["ratio_to_floor"] is not None]
     if rated:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (scenario, label, servers), rows in _group(rated, ("scenario", "model_label", "servers")).items():

@@ -128,3 +128,11 @@ def test_doc_update_keeps_the_prose_around_the_table(tmp_path: Path) -> None:
     doc.write_text("# no markers\n")
     with pytest.raises(ValueError, match="lacks the markers"):
         update_doc([], {}, doc)
+
+
+def test_plots_are_written_for_decode_rows(tmp_path: Path) -> None:
+    from bench.report import plot
+
+    written = plot([decode_row("0ms"), decode_row("20ms"), decode_row("50ms")], tmp_path)
+    assert sorted(p.name for p in written) == ["decode_tokens_per_s.png", "ratio_to_floor.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
