@@ -7,7 +7,7 @@ Starts a benchmark swarm (tiny LLaMA by default), decodes ``--tokens`` tokens wh
 samples each process (CPU time, not idle waits, ``--nonblocking`` so the sampled process never stops),
 then prints per process: the share of samples by category (model compute, wire encoding, asyncio,
 hivemind / p2p, transformers generate, ...) and the hottest functions. Raw stacks are kept under
-``bench/results/profile/`` (collapsed format; feed them to speedscope or flamegraph.pl).
+``$TMPDIR/bloombee-bench-profile/`` (collapsed format; feed them to speedscope or flamegraph.pl).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import collections
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
-from bench.report import ROOT
-
-OUT = ROOT / "bench" / "results" / "profile"
+OUT = Path(tempfile.gettempdir()) / "bloombee-bench-profile"
 
 # First match wins, tested from the leaf frame upwards: the innermost frame we recognise names the cost.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
