@@ -76,6 +76,10 @@ class InferenceSessionHandle:
     def route(self) -> list[Any]:
         return self.inner.route
 
+    def stats(self) -> list[dict[str, Any]]:
+        """Per server of the chain: steps run, and whether their inputs came from the client or by push."""
+        return self.inner.stats()
+
     def step(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:

@@ -54,6 +54,10 @@ async def request(
 ) -> tuple[dict[str, Any], Tensors]:
     """Send one message and read its reply (raising :class:`RemoteError` for an error reply)."""
     await wire.send(stream, header, tensors, codec)
+    return await read_reply(stream, codecs)
+
+
+async def read_reply(stream: FrameStream, codecs: Any) -> tuple[dict[str, Any], Tensors]:
     reply = await wire.read_header(stream)
     if reply is None:
         raise TransportError(f"server {stream.peer} closed the stream without answering")
@@ -78,11 +82,13 @@ class SwarmClient:
         timeout: float = 60.0,
         max_retries: int = 6,
         refresh_every: float = 5.0,
+        push_grace: float = 1.0,
     ) -> None:
         self.transport = transport
         self.model, self.num_blocks, self.cuts = model, num_blocks, cuts
         self.codec, self.codecs = codec, wire.codec_table(compressors)
         self.timeout, self.max_retries, self.refresh_every = timeout, max_retries, refresh_every
+        self.push_grace = push_grace  # seconds to wait for a pushed step before sending it ourselves
         self.bans = BanList()
         self.rtt: dict[str, float] = {}
         self.servers: dict[str, ServerRecord] = {}
@@ -205,8 +211,12 @@ class HopSession:
         self.hop = hop
         self.id = secrets.token_hex(12)
         self.stream: FrameStream | None = None
-        self.history: list[Tensors] = []  # every input sent, for replay on another server
+        self.history: list[Tensors] = []  # every input of every step, for replay on another server
         self.steps = 0
+        self.sent = 0  # step messages this client sent the server (the others came by push)
+        self.sources = {"client": 0, "push": 0}  # where the server took each step's input from
+        self.server_counts: dict[str, int] = {}  # the server's own count of inputs received, by origin
+        self.wait = 0.0  # how long the last step's reply took after the previous hop's
 
     def push_ref(self) -> dict[str, str]:
         return {"peer": self.hop.peer, "session_id": self.id}
@@ -224,19 +234,58 @@ class HopSession:
         }
         await asyncio.wait_for(request(self.stream, header, None, wire.RAW, client.codecs), client.timeout)
 
-    async def step(self, client: SwarmClient, tensors: Tensors) -> torch.Tensor:
+    async def send(self, client: SwarmClient, tensors: Tensors) -> None:
+        """Deliver the current step's input ourselves (no push, or a push that is late)."""
         assert self.stream is not None
-        header = {"type": "step", "step": self.steps}
-        head, out = await asyncio.wait_for(
-            request(self.stream, header, tensors, client.codec, client.codecs), client.timeout
-        )
+        await wire.send(self.stream, {"type": "step", "step": self.steps}, tensors, client.codec)
+        self.sent += 1
+
+    async def receive(
+        self, client: SwarmClient, tensors: Tensors, pushed: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The current step's output. When the input was ``pushed`` by the previous server, the client
+        sends nothing unless the output is late (a push lost on the way): then it sends its own copy,
+        which the server ignores if the push did arrive."""
+        assert self.stream is not None
+        begin = time.perf_counter()
+        reply = asyncio.ensure_future(read_reply(self.stream, client.codecs))
+        try:
+            if pushed:
+                grace = max(client.push_grace, 4 * self.wait)
+                done, _ = await asyncio.wait({reply}, timeout=grace)
+                if not done:
+                    logger.info("step %d of %s is late; sending it without the push", self.steps, self.hop)
+                    await self.send(client, tensors)
+            head, out = await asyncio.wait_for(reply, client.timeout)
+        except BaseException:
+            reply.cancel()
+            raise
         if head.get("step") != self.steps or "hidden" not in out:
             raise ProtocolError(
                 f"server {self.hop.peer} answered step {head.get('step')!r}, expected {self.steps}"
             )
+        self.wait = time.perf_counter() - begin
         self.steps += 1
         self.history.append(tensors)
-        return out["hidden"]
+        source = head.get("source")
+        if source in self.sources:
+            self.sources[source] += 1
+        self.server_counts = {k: int(head[k]) for k in ("from_client", "from_push") if k in head}
+        return out["hidden"], head
+
+    async def step(self, client: SwarmClient, tensors: Tensors) -> torch.Tensor:
+        await self.send(client, tensors)
+        return (await self.receive(client, tensors, pushed=False))[0]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "peer": self.hop.peer,
+            "blocks": (self.hop.start, self.hop.end),
+            "steps": self.steps,
+            "sent_by_client": self.sent,
+            "computed_from": dict(self.sources),
+            "server_received": dict(self.server_counts),
+        }
 
     async def set_push(self, push: dict | None) -> None:
         if self.stream is not None:
@@ -298,11 +347,13 @@ class InferenceSession:
         if not self.hops:
             self.hops = await self._with_retries(lambda: self._open_chain(0, self.client.num_blocks, None))
         tensors = _inputs(hidden, position_ids, mask)
-        index, attempt = 0, 0
+        index, attempt, pushed = 0, 0, False
         while index < len(self.hops):
             hop = self.hops[index]
             try:
-                out = await hop.step(self.client, tensors)
+                if not pushed:
+                    await hop.send(self.client, tensors)
+                out, head = await hop.receive(self.client, tensors, pushed)
             except Exception as exc:
                 if not _retryable(exc) or attempt >= self.client.max_retries:
                     raise
@@ -310,7 +361,10 @@ class InferenceSession:
                 await self.client.backoff(attempt)
                 attempt += 1
                 await self._replace(index)
+                pushed = False  # the new server has not seen this step: the client delivers it
                 continue
+            # the server wrote its output to the next server's session: the client sends nothing there
+            pushed = bool(head.get("pushed")) and index + 1 < len(self.hops)
             tensors = {**tensors, "hidden": out}
             index += 1
         self.position += length
@@ -356,6 +410,10 @@ class InferenceSession:
                     raise
                 logger.warning("opening a session failed (%s); retrying", exc)
             await self.client.backoff(attempt)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per hop of the live chain: steps, where the server took their inputs from, what the client sent."""
+        return [hop.stats() for hop in self.hops]
 
     def close(self) -> None:
         for hop in self.hops:

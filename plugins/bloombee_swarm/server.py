@@ -63,9 +63,26 @@ class Session:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     next_step: int = 0
     push_target: tuple[str, str] | None = None
-    push_stream: FrameStream | None = None
-    push_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    push_stream: asyncio.Task | None = None  # connecting / connected stream to the push target
+    pending: dict[int, tuple[dict[str, torch.Tensor], str]] = field(default_factory=dict)
+    # evidence of where inputs came from: step messages received from the client / pushed by a server
+    from_client: int = 0
+    from_push: int = 0
+
+    def set_push(self, target: tuple[str, str] | None, transport: Transport) -> None:
+        """Point pushes at ``target`` and start opening its stream now, off the first step's path."""
+        self.close_push()
+        self.push_target = target
+        if target is not None:
+            self.push_stream = asyncio.create_task(_open_push(transport, target[0]))
+
+    def close_push(self) -> None:
+        if self.push_stream is not None:
+            task, self.push_stream = self.push_stream, None
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close()
+            else:
+                task.cancel()
 
 
 class SpanServer:
@@ -353,20 +370,21 @@ class SpanServer:
             )
         self.cache_used += need
         session = Session(sid, view, view.new_cache(batch, max_length), batch, max_length, need)
-        session.push_target = _push_target(header.get("push"))
         self.sessions[sid] = session
-        reader = asyncio.create_task(self._read_steps(stream, session))
+        reader: asyncio.Task | None = None
         try:
+            session.set_push(_push_target(header.get("push")), self.transport)
+            reader = asyncio.create_task(self._read_steps(stream, session))
             await wire.send(
                 stream, {"ok": True, "session_id": sid, "cache_left": self.cache_budget - self.cache_used}
             )
             await self._serve_session(stream, session)
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             self.sessions.pop(sid, None)
             self.cache_used -= session.reserved
-            if session.push_stream is not None:
-                session.push_stream.close()
+            session.close_push()
 
     async def _read_steps(self, stream: FrameStream, session: Session) -> None:
         """Client messages -> the session's inbox (a ``None`` ends the session, an exception fails it)."""
@@ -383,7 +401,9 @@ class SpanServer:
                 elif kind == "step":
                     step = _step_number(header)
                     self._check_metas(metas, ("hidden", "position_ids"), session.batch, session.max_length)
-                    await session.inbox.put(("step", step, await self._read(stream, metas)))
+                    tensors = await self._read(stream, metas)
+                    session.from_client += 1
+                    await session.inbox.put(("step", step, tensors, "client"))
                 else:
                     raise RequestError(
                         f"unknown message type {kind!r} in an inference session; expected step or route"
@@ -401,28 +421,34 @@ class SpanServer:
             if isinstance(item, Exception):
                 raise item
             if item[0] == "route":
-                session.push_target = item[1]
-                if session.push_stream is not None:
-                    session.push_stream.close()
-                    session.push_stream = None
+                session.set_push(item[1], self.transport)
                 continue
-            _, step, tensors = item
+            _, step, tensors, source = item
             if step < session.next_step:
-                continue  # already computed from a push (or the client's copy of it)
+                continue  # already computed from the other copy (a push and the client's own)
             if step > session.next_step:
                 if len(session.pending) >= self.limits.max_pending_steps:
                     raise RequestError(f"step {step} arrived while waiting for step {session.next_step}")
-                session.pending.setdefault(step, tensors)
+                session.pending.setdefault(step, (tensors, source))
                 continue
-            while tensors is not None:
+            while True:
                 out = await self._run(self._inference_step, session, tensors)
-                if session.push_target is not None:
-                    asyncio.create_task(self._push(session, session.next_step, out, tensors))
-                await wire.send(
-                    stream, {"ok": True, "step": session.next_step}, {"hidden": out}, self.output_codec
-                )
+                # The push is on the critical path (the next server waits for it); the reply is not
+                # (the client keeps it for replay), so the push goes first.
+                pushed = await self._push(session, session.next_step, out, tensors)
+                reply = {
+                    "ok": True,
+                    "step": session.next_step,
+                    "source": source,
+                    "pushed": pushed,
+                    "from_client": session.from_client,
+                    "from_push": session.from_push,
+                }
+                await wire.send(stream, reply, {"hidden": out}, self.output_codec)
                 session.next_step += 1
-                tensors = session.pending.pop(session.next_step, None)
+                if session.next_step not in session.pending:
+                    break
+                tensors, source = session.pending.pop(session.next_step)
 
     def _inference_step(self, session: Session, t: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden, mask = t["hidden"], t.get("attention_mask")
@@ -446,26 +472,28 @@ class SpanServer:
 
     async def _push(
         self, session: Session, step: int, out: torch.Tensor, inputs: dict[str, torch.Tensor]
-    ) -> None:
-        """Send a step's output straight to the next server; best effort (the client sends it too)."""
-        async with session.push_lock:
-            target = session.push_target
-            if target is None:
-                return
-            tensors = {"hidden": out, "position_ids": inputs["position_ids"]}
-            if "attention_mask" in inputs:
-                tensors["attention_mask"] = inputs["attention_mask"]
-            try:
-                if session.push_stream is None:
-                    session.push_stream = await self.transport.connect(target[0], wire.PROTOCOL)
-                    asyncio.create_task(_drain_replies(session.push_stream))
-                header = {"type": "push", "session_id": target[1], "step": step}
-                await wire.send(session.push_stream, header, tensors, self.output_codec)
-            except Exception as exc:  # noqa: BLE001 - the client's own copy still arrives
-                logger.info("push to %s failed (%s); the client will deliver the step", target[0], exc)
-                if session.push_stream is not None:
-                    session.push_stream.close()
-                session.push_stream, session.push_target = None, None
+    ) -> bool:
+        """Send a step's output straight to the next server; True when it was written to the push stream.
+
+        Best effort: on failure the push is switched off and the reply tells the client to deliver the
+        step itself.
+        """
+        if session.push_target is None or session.push_stream is None:
+            return False
+        tensors = {"hidden": out, "position_ids": inputs["position_ids"]}
+        if "attention_mask" in inputs:
+            tensors["attention_mask"] = inputs["attention_mask"]
+        header = {"type": "push", "session_id": session.push_target[1], "step": step}
+        try:
+            stream = await session.push_stream
+            await wire.send(stream, header, tensors, self.output_codec)
+        except Exception as exc:  # noqa: BLE001 - the client delivers the step instead
+            logger.info(
+                "push to %s failed (%s); the client will deliver the step", session.push_target[0], exc
+            )
+            session.set_push(None, self.transport)
+            return False
+        return True
 
     async def _push_stream(
         self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]
@@ -477,14 +505,21 @@ class SpanServer:
                 raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
             step = _step_number(header)
             self._check_metas(metas, ("hidden", "position_ids"), session.batch, session.max_length)
-            await session.inbox.put(("step", step, await self._read(stream, metas)))
-            await wire.send(stream, {"ok": True, "step": step})
+            tensors = await self._read(stream, metas)
+            session.from_push += 1
+            await session.inbox.put(("step", step, tensors, "push"))
             message = await wire.read_header(stream)
             if message is None:
                 return
             header, metas = message
             if header.get("type") != "push":
                 raise RequestError(f"a push stream carries only push messages, got {header.get('type')!r}")
+
+
+async def _open_push(transport: Transport, peer: str) -> FrameStream:
+    stream = await transport.connect(peer, wire.PROTOCOL)
+    asyncio.create_task(_drain_replies(stream))
+    return stream
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
