@@ -15,7 +15,10 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_venv = "yes"
 
 TORCH = os.environ.get("BLOOMBEE_TORCH", "torch==2.13.0")
-PLUGIN_PACKAGES = ["tests/plugin_packages/bloombee-plugin-example", "tests/plugin_packages/bloombee-plugin-broken"]
+PLUGIN_PACKAGES = [
+    "tests/plugin_packages/bloombee-plugin-example",
+    "tests/plugin_packages/bloombee-plugin-broken",
+]
 
 
 def install(session: nox.Session, *extras: str) -> None:
