@@ -219,12 +219,13 @@ def plot(results: list[dict[str, Any]], out_dir: Path = IMG) -> list[Path]:
     rated = [r for r in plain if r["ratio_to_floor"] is not None]
     if rated:
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for (scenario, label, servers), rows in _group(rated, ("scenario", "model_label", "servers")).items():
             rows.sort(key=_link_ms)
             ax.plot(
                 [_link_ms(r) for r in rows],
                 [r["ratio_to_floor"] for r in rows],
-                "o-",
+                ("o" if "tiny" in label else "s") + ("-" if servers == 2 else ":"),
                 label=f"{scenario}, {label}, {servers}s",
             )
         ax.axhline(1.0, color="black", lw=0.8)
