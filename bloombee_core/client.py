@@ -81,30 +81,42 @@ class InferenceSessionHandle:
         return self.inner.stats()
 
     def step(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        side: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self.model.loop.run(self.inner.step(hidden, position_ids, mask))
+        return self.model.loop.run(self.inner.step(hidden, position_ids, mask, side))
 
     def close(self) -> None:
         self.inner.close()
 
 
 class _RemoteBlocks(torch.autograd.Function):
-    """Stateless forward through the swarm, with backward computed by the servers."""
+    """Stateless forward through the swarm, with backward computed by the servers.
+
+    ``side`` are the family's per-layer side inputs (Gemma 4), in ``names`` order; they get gradients too.
+    """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, position_ids: Any, mask: Any, model: Any) -> torch.Tensor:
-        out, record = model.loop.run(model.swarm.forward(hidden.detach(), position_ids, mask))
-        ctx.model, ctx.record, ctx.position_ids, ctx.mask = model, record, position_ids, mask
+    def forward(
+        ctx: Any, model: Any, position_ids: Any, mask: Any, names: tuple, hidden: torch.Tensor, *side: Any
+    ) -> torch.Tensor:
+        given = {n: t.detach() for n, t in zip(names, side, strict=True)}
+        out, pieces = model.loop.run(model.swarm.forward(hidden.detach(), position_ids, mask, given))
+        ctx.model, ctx.pieces, ctx.position_ids, ctx.mask, ctx.side = model, pieces, position_ids, mask, given
+        ctx.names = names
         return out.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         model = ctx.model
-        grad_in = model.loop.run(
-            model.swarm.backward(ctx.record, grad.contiguous(), ctx.position_ids, ctx.mask)
+        grad_in, side_grads = model.loop.run(
+            model.swarm.backward(ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.side)
         )
-        return grad_in.to(grad.dtype), None, None, None
+        side_out = tuple(side_grads[n].to(ctx.side[n].dtype) for n in ctx.names)
+        return (None, None, None, None, grad_in.to(grad.dtype), *side_out)
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -112,6 +124,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "client"
     main_input_name = "input_ids"
     _supports_cache_class = True
+    # the client has no attention layers: any implementation the config names is fine here
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # ... nor experts (transformers would otherwise look for a decorator in this module's source)
+    _can_set_experts_implementation_cached_value = True
 
     def __init__(self, config: PretrainedConfig, client: Any, swarm: Any, loop: Any, owner: Any) -> None:
         super().__init__(config)
@@ -180,7 +199,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.client.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            hidden = self.client.embed(input_ids)
+        else:  # what the transformers model does to given embeddings (BLOOM: its embedding LayerNorm)
+            hidden = self.client.hidden_from_embeds(inputs_embeds)
+        side = self.client.side_inputs(input_ids, hidden)  # Gemma 4 per-layer inputs; usually none
         batch, length = hidden.shape[:2]
         session = cache.session if isinstance(cache, RemoteCache) else self._session
         past = session.position if session is not None else 0
@@ -192,11 +215,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 f"attention_mask must be 2-D [batch, past+tokens], got shape {list(attention_mask.shape)}"
             )
         mask = attention_mask.to(torch.int64) if attention_mask is not None else None
+        position_ids = position_ids.to(torch.int64)
         if session is not None:
             with torch.no_grad():
-                out = session.step(hidden.detach(), position_ids.to(torch.int64), mask).to(hidden.dtype)
+                detached = {name: t.detach() for name, t in side.items()}
+                out = session.step(hidden.detach(), position_ids, mask, detached).to(hidden.dtype)
         else:
-            out = _RemoteBlocks.apply(hidden, position_ids.to(torch.int64), mask, self)
+            names = tuple(side)
+            out = _RemoteBlocks.apply(self, position_ids, mask, names, hidden, *side.values())
         if isinstance(logits_to_keep, int):
             kept = out[:, -logits_to_keep:, :] if logits_to_keep else out
         else:
@@ -246,8 +272,6 @@ class AutoDistributedModelForCausalLM:
         **_: Any,
     ) -> DistributedModelForCausalLM:
         from bloombee_swarm.aio import LoopThread
-        from bloombee_swarm.records import model_key
-        from bloombee_swarm.remote import SwarmClient
 
         from bloombee_core.family import load_config
         from bloombee_core.model_files import resolve_model
@@ -272,25 +296,43 @@ class AutoDistributedModelForCausalLM:
             loop.stop()
             raise
         owner = _SwarmMembership(transport, loop)
-        weakref.finalize(owner, _close_quietly, transport, loop)
-        atexit.register(owner.close)
-        swarm = SwarmClient(
-            transport,
-            model_key(config),
-            family.num_blocks(config),
-            family.allowed_cuts(config),
-            codec=compressor if compressor is not None else _raw(),
-            compressors=_all_compressors(plugins),
-            timeout=timeout,
-            max_retries=max_retries,
-        )
-        config = copy.deepcopy(config)
-        model = DistributedModelForCausalLM(config, client_part, swarm, loop, owner)
+        try:
+            swarm = _swarm_client(config, family, transport, plugins, compressor, timeout, max_retries)
+            model = DistributedModelForCausalLM(copy.deepcopy(config), client_part, swarm, loop, owner)
+        except BaseException:
+            owner.close()  # leave the swarm again: no DHT process or p2pd may outlive a failed load
+            raise
         try:
             model.generation_config = GenerationConfig.from_pretrained(folder)
         except OSError:
-            model.generation_config = GenerationConfig.from_model_config(config)
+            model.generation_config = GenerationConfig.from_model_config(model.config)
+        weakref.finalize(owner, _close_quietly, transport, loop)
+        atexit.register(owner.close)
         return model.eval()
+
+
+def _swarm_client(
+    config: PretrainedConfig,
+    family: Any,
+    transport: Any,
+    plugins: Any,
+    compressor: Any,
+    timeout: float,
+    max_retries: int,
+) -> Any:
+    from bloombee_swarm.records import model_key
+    from bloombee_swarm.remote import SwarmClient
+
+    return SwarmClient(
+        transport,
+        model_key(config),
+        family.num_blocks(config),
+        family.allowed_cuts(config),
+        codec=compressor if compressor is not None else _raw(),
+        compressors=_all_compressors(plugins),
+        timeout=timeout,
+        max_retries=max_retries,
+    )
 
 
 def _raw() -> Any:

@@ -286,7 +286,13 @@ class ModelFamily(Plugin):
 
     # ---- running (client) ------------------------------------------------------------------------
     def embed(self, client: ClientPart, input_ids: torch.Tensor) -> torch.Tensor:
-        return client.model.get_input_embeddings()(input_ids)
+        return self.hidden_from_embeds(client, client.model.get_input_embeddings()(input_ids))
+
+    def hidden_from_embeds(self, client: ClientPart, embeds: torch.Tensor) -> torch.Tensor:
+        """What the transformers model does to ``inputs_embeds`` before its first block (identity for
+        most; BLOOM applies its embedding LayerNorm; Gemma's sqrt(hidden) scale lives in its embedding
+        module, so given embeddings are used as they are, exactly as transformers does)."""
+        return embeds
 
     def logits(self, client: ClientPart, hidden: torch.Tensor) -> torch.Tensor:
         hidden = _get_path(client.model, self.final_norm)(hidden)
@@ -360,10 +366,15 @@ class ClientPart(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.family.logits(self, hidden)
 
-    def side_inputs(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def hidden_from_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block 0 for user-given ``inputs_embeds``, as the transformers model does."""
+        return self.family.hidden_from_embeds(self, embeds)
+
+    def side_inputs(self, input_ids: torch.Tensor | None, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-layer inputs for all blocks, [batch, tokens, num_blocks, size] each (empty for most families).
 
-        ``hidden`` is :meth:`embed`'s output for ``input_ids``. Send span ``a:b`` the slice ``[:, :, a:b]``.
+        ``hidden`` is :meth:`embed`'s output for ``input_ids`` (or :meth:`hidden_from_embeds`'s for given
+        embeddings, with ``input_ids=None``). Send span ``a:b`` the slice ``[:, :, a:b]``.
         """
         return self.family.client_side_inputs(self, input_ids, hidden)
 

@@ -162,6 +162,14 @@ def test_new_servers_pick_the_least_served_blocks():
     assert least_served_span([2, 2, 1, 0, 0, 1], 2, range(7)) == (3, 5)
 
 
+def test_num_blocks_honours_allowed_cuts():
+    # Gemma 4 style: blocks 2..5 share KV and stay together, so the only cuts are 0, 1, 2, 6
+    cuts = [0, 1, 2, 6]
+    assert least_served_span([1, 1, 0, 0, 0, 0], 4, cuts) == (2, 6)
+    assert least_served_span([0, 0, 1, 1, 1, 1], 3, cuts) == (0, 2)  # no 3-block span: the longest shorter
+    assert least_served_span([0] * 6, 3, [0, 6]) == (0, 6)  # nothing shorter: the shortest longer
+
+
 def test_bans_grow_with_repeated_failures():
     bans = BanList(base=10, cap=25)
     assert bans.ban("p") == 10 and bans.ban("p") == 20 and bans.ban("p") == 25

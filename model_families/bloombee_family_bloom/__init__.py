@@ -19,9 +19,8 @@ class BloomFamily(ModelFamily):
     final_norm = "transformer.ln_f"
     rotary = None
 
-    def embed(self, client: ClientPart, input_ids: torch.Tensor) -> torch.Tensor:
-        transformer = client.model.transformer
-        return transformer.word_embeddings_layernorm(transformer.word_embeddings(input_ids))
+    def hidden_from_embeds(self, client: ClientPart, embeds: torch.Tensor) -> torch.Tensor:
+        return client.model.transformer.word_embeddings_layernorm(embeds)
 
     def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
         # BLOOM ignores position ids: the ALiBi bias is built from the padding mask (or the key length)

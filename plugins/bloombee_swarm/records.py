@@ -136,19 +136,23 @@ def coverage(servers: Sequence[ServerRecord], num_blocks: int) -> list[int]:
 
 def least_served_span(counts: Sequence[int], length: int, cuts: Sequence[int]) -> tuple[int, int]:
     """The span of ``length`` blocks whose least-served block is served least (ties: fewest servers in
-    total, then the first); spans start and end only at allowed ``cuts``."""
+    total, then the first). Spans start and end only at allowed ``cuts``; where no span of exactly
+    ``length`` blocks fits them, the longest shorter one is taken (or, failing that, the shortest longer)."""
     num_blocks = len(counts)
     length = min(length, num_blocks)
-    allowed = set(cuts)
+    points = sorted({c for c in cuts if 0 <= c <= num_blocks})
+    spans = [(a, b) for i, a in enumerate(points) for b in points[i + 1 :]]
+    if not spans:
+        raise ValueError(f"no span of blocks starts and ends at allowed cuts {list(cuts)}")
+    shorter = [n for n in {b - a for a, b in spans} if n <= length]
+    size = max(shorter) if shorter else min(b - a for a, b in spans)
     best: tuple[tuple[int, int, int], tuple[int, int]] | None = None
-    for start in range(0, num_blocks - length + 1):
-        end = start + length
-        if start not in allowed or end not in allowed:
+    for start, end in spans:
+        if end - start != size:
             continue
         window = counts[start:end]
         score = (max(window), sum(window), start)
         if best is None or score < best[0]:
             best = (score, (start, end))
-    if best is None:
-        raise ValueError(f"no span of {length} blocks starts and ends at allowed cuts {list(cuts)}")
+    assert best is not None
     return best[1]

@@ -138,25 +138,28 @@ class SwarmClient:
         await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
 
     # ---- stateless calls -------------------------------------------------------------------------
-    async def _call_span(
-        self, kind: str, start: int, end: int, tensors: Tensors, out_name: str
-    ) -> torch.Tensor:
-        """Run blocks ``start:end`` statelessly, re-routing around failing servers."""
-        position = start
-        current = tensors
-        attempt = 0
+    async def _call(self, kind: str, hop: Hop, tensors: Tensors) -> Tensors:
+        """One stateless request: blocks ``hop.start:hop.end`` on ``hop.peer``."""
+        stream = await self.transport.connect(hop.peer, wire.PROTOCOL)
+        try:
+            header = {"type": kind, "start": hop.start, "end": hop.end}
+            _, out = await asyncio.wait_for(
+                request(stream, header, tensors, self.codec, self.codecs), self.timeout
+            )
+        finally:
+            stream.close()
+        return out
+
+    async def _forward_pieces(
+        self, start: int, end: int, base: Tensors, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, list[Piece]]:
+        """Blocks ``start:end`` statelessly, re-routing around failing servers. Also returns the pieces
+        the blocks were run in, with each piece's input (what backward needs)."""
+        position, pieces, attempt = start, [], 0
         while position < end:
-            hops = await self.route(position, end)
-            hop = hops[0]
+            hop = (await self.route(position, end))[0]
             try:
-                stream = await self.transport.connect(hop.peer, wire.PROTOCOL)
-                try:
-                    header = {"type": kind, "start": hop.start, "end": hop.end}
-                    _, out = await asyncio.wait_for(
-                        request(stream, header, current, self.codec, self.codecs), self.timeout
-                    )
-                finally:
-                    stream.close()
+                out = await self._call("forward", hop, for_blocks(base, hidden, hop.start, hop.end))
             except Exception as exc:
                 if not _retryable(exc) or attempt >= self.max_retries:
                     raise
@@ -164,44 +167,84 @@ class SwarmClient:
                 await self.backoff(attempt)
                 attempt += 1
                 continue
-            current = {**current, "hidden": out[out_name]}
-            position = hop.end
-        return current["hidden"]
+            pieces.append((hop.start, hop.end, hidden))
+            hidden, position = out["hidden"], hop.end
+        return hidden, pieces
+
+    async def _backward_piece(
+        self, piece: Piece, base: Tensors, grad: torch.Tensor, side_grads: Tensors
+    ) -> torch.Tensor:
+        """The gradient w.r.t. a piece's input hidden states (side-input gradients are added to
+        ``side_grads``). If no server hosts the whole piece any more, the piece is re-split: its
+        sub-pieces' inputs are recomputed by a forward pass, then the backward runs through them in reverse."""
+        start, end, hidden = piece
+        attempt = 0
+        while True:
+            hops = await self.route(start, end)
+            if len(hops) > 1:
+                _, pieces = await self._forward_pieces(start, end, base, hidden)
+                for sub in reversed(pieces):
+                    grad = await self._backward_piece(sub, base, grad, side_grads)
+                return grad
+            try:
+                tensors = {**for_blocks(base, hidden, start, end), "grad": grad}
+                out = await self._call("backward", hops[0], tensors)
+            except Exception as exc:
+                if not _retryable(exc) or attempt >= self.max_retries:
+                    raise
+                self.fail(hops[0].peer, exc)
+                await self.backoff(attempt)
+                attempt += 1
+                continue
+            for name, total in side_grads.items():
+                total[:, :, start:end] += out[f"grad.{name}"].to(total.dtype)
+            return out["grad"]
 
     async def forward(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
-    ) -> Any:
-        """Hidden states through every block; also returns each hop's (start, end, input) for backward."""
-        tensors = _inputs(hidden, position_ids, mask)
-        hops = await self.route(0, self.num_blocks)
-        record = []
-        for hop in hops:
-            record.append((hop.start, hop.end, tensors["hidden"]))
-            out = await self._call_span("forward", hop.start, hop.end, tensors, "hidden")
-            tensors = {**tensors, "hidden": out}
-        return tensors["hidden"], record
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        side: Tensors | None = None,
+    ) -> tuple[torch.Tensor, list[Piece]]:
+        """Hidden states through every block; also returns the pieces they ran in (for :meth:`backward`)."""
+        base = _inputs(position_ids, mask, side)
+        return await self._forward_pieces(0, self.num_blocks, base, hidden)
 
     async def backward(
         self,
-        record: list[tuple[int, int, torch.Tensor]],
+        pieces: list[Piece],
         grad: torch.Tensor,
         position_ids: torch.Tensor,
-        mask: Any,
-    ) -> torch.Tensor:
-        for start, end, hidden in reversed(record):
-            tensors = {**_inputs(hidden, position_ids, mask), "grad": grad}
-            hops = await self.route(start, end)
-            if len(hops) != 1:  # the span is now served in pieces: recompute the inputs of each piece
-                raise NotImplementedError("backward across a re-split span is not supported yet")
-            grad = await self._call_span("backward", start, end, tensors, "grad")
-        return grad
+        mask: torch.Tensor | None,
+        side: Tensors | None = None,
+    ) -> tuple[torch.Tensor, Tensors]:
+        """Gradients w.r.t. the input hidden states and the side inputs of a :meth:`forward`."""
+        base = _inputs(position_ids, mask, side)
+        side_grads = {name: torch.zeros_like(t) for name, t in (side or {}).items()}
+        for piece in reversed(pieces):
+            grad = await self._backward_piece(piece, base, grad, side_grads)
+        return grad, side_grads
 
 
-def _inputs(hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> Tensors:
-    tensors = {"hidden": hidden, "position_ids": position_ids.to(torch.int64)}
+Piece = tuple[int, int, torch.Tensor]  # blocks start:end and the hidden states that went in
+_MAIN = ("hidden", "position_ids", "attention_mask", "grad")
+
+
+def _inputs(position_ids: torch.Tensor, mask: torch.Tensor | None, side: Tensors | None) -> Tensors:
+    """What every hop of one step shares: positions, padding mask, all blocks' side inputs."""
+    tensors = {"position_ids": position_ids.to(torch.int64), **(side or {})}
     if mask is not None:
         tensors["attention_mask"] = mask.to(torch.int64)
     return tensors
+
+
+def for_blocks(base: Tensors, hidden: torch.Tensor, start: int, end: int | None = None) -> Tensors:
+    """A request's tensors for blocks ``start:end``: side inputs (all blocks' in ``base``) are cut to
+    those blocks; with ``end=None`` to ``start:`` (a session step: a server pushes later blocks' on)."""
+    return {
+        name: t if name in _MAIN else t[:, :, start:end] for name, t in {**base, "hidden": hidden}.items()
+    }
 
 
 class HopSession:
@@ -330,7 +373,11 @@ class InferenceSession:
         return hops
 
     async def step(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        side: Tensors | None = None,
     ) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("this inference session is closed")
@@ -346,10 +393,11 @@ class InferenceSession:
             )
         if not self.hops:
             self.hops = await self._with_retries(lambda: self._open_chain(0, self.client.num_blocks, None))
-        tensors = _inputs(hidden, position_ids, mask)
+        base = _inputs(position_ids, mask, side)
         index, attempt, pushed = 0, 0, False
         while index < len(self.hops):
             hop = self.hops[index]
+            tensors = for_blocks(base, hidden, hop.hop.start)
             try:
                 if not pushed:
                     await hop.send(self.client, tensors)
@@ -365,10 +413,10 @@ class InferenceSession:
                 continue
             # the server wrote its output to the next server's session: the client sends nothing there
             pushed = bool(head.get("pushed")) and index + 1 < len(self.hops)
-            tensors = {**tensors, "hidden": out}
+            hidden = out
             index += 1
         self.position += length
-        return tensors["hidden"]
+        return hidden
 
     async def _replace(self, index: int) -> None:
         """Swap hop ``index`` for a fresh chain over its blocks and rebuild its cache by replay."""
@@ -379,11 +427,12 @@ class InferenceSession:
         for attempt in range(self.client.max_retries + 1):
             new = await self._with_retries(lambda: self._open_chain(start, end, after))
             try:
-                for inputs in old.history:
-                    current = inputs
+                for inputs in old.history:  # side inputs in it start at the old hop's first block
+                    hidden = inputs["hidden"]
                     for hop in new:
                         failing = hop
-                        current = {**current, "hidden": await hop.step(self.client, current)}
+                        current = for_blocks(inputs, hidden, hop.hop.start - start)
+                        hidden = await hop.step(self.client, current)
             except Exception as exc:
                 for hop in new:
                     hop.close()

@@ -89,6 +89,11 @@ async def start_server(
             raise ValueError(
                 f"--blocks {start}:{end} is outside the model's {num_blocks} blocks (0:{num_blocks})"
             )
+        if start not in cuts or end not in cuts:
+            raise ValueError(
+                f"--blocks {start}:{end} cuts the model where it cannot be cut (a KV-sharing group must "
+                f"stay on one server); spans may start and end only at blocks {cuts}"
+            )
     else:
         servers = await fetch_servers(transport, key, num_blocks)
         start, end = least_served_span(
@@ -97,8 +102,12 @@ async def start_server(
         logger.info("chose the least-served blocks %d:%d", start, end)
     dtype = DTYPES[opts.dtype]
     loop = asyncio.get_running_loop()
+    # With an offload policy the weights are read into CPU memory and the policy places them (only the
+    # resident share goes to the device): a span larger than the device must not be loaded there first.
+    offloading = offload is not None and getattr(offload, "name", "none") != "none"
+    load_on = "cpu" if offloading else opts.device
     span = await loop.run_in_executor(
-        None, lambda: family.load_span(path, config, start, end, dtype, opts.device)
+        None, lambda: family.load_span(path, config, start, end, dtype, load_on)
     )
     if offload is not None and hasattr(offload, "apply"):
         span = offload.apply(span, torch.device(opts.device)) or span

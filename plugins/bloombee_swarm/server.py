@@ -113,6 +113,9 @@ class SpanServer:
         self.dtype = dtype
         self.device = torch.device(device)
         self.hidden_size = int(span.config.hidden_size)
+        # per-layer inputs the family needs from the client (Gemma 4): name -> feature size
+        self.side_sizes: dict[str, int] = dict(span.family.side_inputs(span.config))
+        self.num_blocks = int(span.family.num_blocks(span.config))
         self.cache_budget, self.cache_used = cache_budget, 0
         self.codecs = wire.codec_table(compressors)
         self.output_codec = output_codec
@@ -173,15 +176,16 @@ class SpanServer:
     def _measure_throughput(self, steps: int = 4) -> float:
         """Tokens per second through the span in batch-1 decoding, measured once at start."""
         hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        n = self.span.end - self.span.start
+        side = {k: hidden.new_zeros(1, 1, n, size) for k, size in self.side_sizes.items()}
         cache = self.span.new_cache(1, steps + 1)
         with torch.inference_mode():
-            self.span(
-                hidden, position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache
-            )
+            pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.span(hidden, position_ids=pos, cache=cache, side_inputs=side)
             begin = time.perf_counter()
             for i in range(steps):
                 pos = torch.full((1, 1), i + 1, dtype=torch.long, device=self.device)
-                self.span(hidden, position_ids=pos, cache=cache)
+                self.span(hidden, position_ids=pos, cache=cache, side_inputs=side)
         return steps / max(time.perf_counter() - begin, 1e-6)
 
     # ---- dispatch --------------------------------------------------------------------------------
@@ -246,18 +250,19 @@ class SpanServer:
             raise RequestError(f"blocks {start}:{end} cut the model where it cannot be cut")
         key = (start, end)
         if key not in self._views:
-            if key == (self.span.start, self.span.end):
-                self._views[key] = self.span
-            else:
-                family, cls = self.span.family, type(self.span)
-                layers = list(self.span.layers)[start - self.span.start : end - self.span.start]
-                self._views[key] = cls(family, self.span.config, start, end, layers, self.span.rotary)
+            self._views[key] = self.span.sub_span(start, end)
         return self._views[key]
 
     def _check_metas(
-        self, metas: list[TensorMeta], required: tuple[str, ...], batch: int | None = None, max_mask: int = 0
+        self,
+        metas: list[TensorMeta],
+        required: tuple[str, ...],
+        view: Any,
+        batch: int | None = None,
+        max_mask: int = 0,
     ) -> dict[str, TensorMeta]:
         by_name = {m.name: m for m in metas}
+        required = (*required, *self.side_sizes)
         allowed = set(required) | {"attention_mask"}
         if set(by_name) - allowed or len(by_name) != len(metas):
             raise RequestError(f"unexpected tensors {sorted(by_name)}; expected {sorted(allowed)}")
@@ -298,6 +303,20 @@ class SpanServer:
                     f"attention_mask must be int64 [{b}, past+{t}] with at most {limit} columns, "
                     f"got {mask.dtype} {list(mask.shape)}"
                 )
+        for name, size in self.side_sizes.items():
+            # this span's layers first, then (to be pushed on) those of later spans, never past the model
+            side, first, most = by_name[name], view.end - view.start, self.num_blocks - view.start
+            if (
+                not side.dtype.is_floating_point
+                or len(side.shape) != 4
+                or side.shape[:2] != (b, t)
+                or side.shape[3] != size
+                or not first <= side.shape[2] <= most
+            ):
+                raise RequestError(
+                    f"side input {name!r} must be floating point [{b}, {t}, {first}..{most} layers, {size}] "
+                    f"for blocks {view.start}:{view.end}, got {side.dtype} {list(side.shape)}"
+                )
         return by_name
 
     async def _read(self, stream: FrameStream, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
@@ -316,7 +335,7 @@ class SpanServer:
     # ---- forward / backward (no cache) -----------------------------------------------------------
     async def _forward(self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]) -> None:
         view = self._blocks(header)
-        self._check_metas(metas, ("hidden", "position_ids"))
+        self._check_metas(metas, ("hidden", "position_ids"), view)
         t = await self._read(stream, metas)
 
         def run() -> torch.Tensor:
@@ -325,6 +344,7 @@ class SpanServer:
                     t["hidden"].to(self.device, self.dtype),
                     position_ids=t["position_ids"].to(self.device),
                     attention_mask=_on(t.get("attention_mask"), self.device),
+                    side_inputs=self._side(view, t),
                 )
             return out.to("cpu", t["hidden"].dtype)
 
@@ -332,18 +352,23 @@ class SpanServer:
 
     async def _backward(self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]) -> None:
         view = self._blocks(header)
-        self._check_metas(metas, ("hidden", "grad", "position_ids"))
+        self._check_metas(metas, ("hidden", "grad", "position_ids"), view)
         t = await self._read(stream, metas)
 
-        def run() -> torch.Tensor:
+        def run() -> dict[str, torch.Tensor]:
             with torch.enable_grad():
                 hidden = t["hidden"].to(self.device, self.dtype).requires_grad_(True)
+                side = {k: v.requires_grad_(True) for k, v in self._side(view, t).items()}
                 pos, mask = t["position_ids"].to(self.device), _on(t.get("attention_mask"), self.device)
-                out = view(hidden, position_ids=pos, attention_mask=mask)
-                (grad,) = torch.autograd.grad(out, hidden, t["grad"].to(out.device, out.dtype))
-            return grad.to("cpu", t["hidden"].dtype)
+                out = view(hidden, position_ids=pos, attention_mask=mask, side_inputs=side)
+                grads = torch.autograd.grad(
+                    out, [hidden, *side.values()], t["grad"].to(out.device, out.dtype)
+                )
+            # gradients w.r.t. the side inputs this span used (its own layers), named "grad.<name>"
+            names = ["grad", *(f"grad.{k}" for k in side)]
+            return {n: g.to("cpu", t["hidden"].dtype) for n, g in zip(names, grads, strict=True)}
 
-        await wire.send(stream, {"ok": True}, {"grad": await self._run(run)}, self.output_codec)
+        await wire.send(stream, {"ok": True}, await self._run(run), self.output_codec)
 
     # ---- inference sessions ----------------------------------------------------------------------
     async def _inference(self, stream: FrameStream, header: dict[str, Any]) -> None:
@@ -400,7 +425,9 @@ class SpanServer:
                     await session.inbox.put(("route", _push_target(header.get("push"))))
                 elif kind == "step":
                     step = _step_number(header)
-                    self._check_metas(metas, ("hidden", "position_ids"), session.batch, session.max_length)
+                    self._check_metas(
+                        metas, ("hidden", "position_ids"), session.span, session.batch, session.max_length
+                    )
                     tensors = await self._read(stream, metas)
                     session.from_client += 1
                     await session.inbox.put(("step", step, tensors, "client"))
@@ -467,8 +494,14 @@ class SpanServer:
                 position_ids=t["position_ids"].to(self.device),
                 attention_mask=_on(mask, self.device),
                 cache=session.cache,
+                side_inputs=self._side(session.span, t),
             )
         return out.to("cpu", hidden.dtype)
+
+    def _side(self, view: Any, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The side inputs of ``view``'s own layers (the first ``end - start`` of what was sent)."""
+        n = view.end - view.start
+        return {k: t[k][:, :, :n].to(self.device, self.dtype) for k in self.side_sizes}
 
     async def _push(
         self, session: Session, step: int, out: torch.Tensor, inputs: dict[str, torch.Tensor]
@@ -483,6 +516,11 @@ class SpanServer:
         tensors = {"hidden": out, "position_ids": inputs["position_ids"]}
         if "attention_mask" in inputs:
             tensors["attention_mask"] = inputs["attention_mask"]
+        n = session.span.end - session.span.start
+        for name in self.side_sizes:  # later spans' per-layer inputs travel on with the hidden states
+            if inputs[name].shape[2] <= n:
+                return False  # the client sent only ours: it must deliver the next server's itself
+            tensors[name] = inputs[name][:, :, n:]
         header = {"type": "push", "session_id": session.push_target[1], "step": step}
         try:
             stream = await session.push_stream
@@ -504,7 +542,9 @@ class SpanServer:
             if session is None:
                 raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
             step = _step_number(header)
-            self._check_metas(metas, ("hidden", "position_ids"), session.batch, session.max_length)
+            self._check_metas(
+                metas, ("hidden", "position_ids"), session.span, session.batch, session.max_length
+            )
             tensors = await self._read(stream, metas)
             session.from_push += 1
             await session.inbox.put(("step", step, tensors, "push"))

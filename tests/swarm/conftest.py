@@ -19,6 +19,7 @@ from transformers import (
     BloomConfig,
     FalconConfig,
     Gemma2Config,
+    Gemma4TextConfig,
     LlamaConfig,
     MixtralConfig,
     Qwen3Config,
@@ -49,9 +50,26 @@ FAMILY_CONFIGS = {
         sliding_window=4,
         final_logit_softcapping=30.0,
     ),
+    # per-layer inputs from the client; layers 4 and 5 reuse the KV of layers 2 and 3 (cuts: 0, 1, 2, 6)
+    "gemma4": lambda: Gemma4TextConfig(
+        **SMALL,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128,
+        num_kv_shared_layers=2,
+    ),
 }
 # uneven splits; llama also has a replica of its middle span (for the fault-tolerance test)
-SPLITS = {name: ["0:1", "1:4"] for name in FAMILY_CONFIGS} | {"llama": ["0:1", "1:3", "1:3", "3:4"]}
+SPLITS = {name: ["0:1", "1:4"] for name in FAMILY_CONFIGS} | {
+    "llama": ["0:1", "1:3", "1:3", "3:4"],
+    "gemma4": ["0:2", "2:6"],  # the second server's per-layer inputs travel with the first one's push
+}
 SMOLLM2_SPLIT = ["0:7", "7:20", "20:30"]
 
 

@@ -32,6 +32,15 @@ def test_family_greedy_matches_transformers(family, tiny_models, family_servers,
     ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+        # given embeddings go through what transformers does with them (BLOOM: its embedding LayerNorm;
+        # Gemma: no sqrt(hidden) scaling, that lives in the embedding module). Gemma 4 recovers the
+        # token ids from exact embeddings for its per-layer inputs, so it gets exact ones.
+        if family == "gemma4":
+            embeds = ref.get_input_embeddings()(ids)
+        else:
+            embeds = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(1))
+        got_logits, want_logits = model(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits
+        torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=0)
         got = model.generate(ids, max_new_tokens=12, do_sample=False)
         want = ref.generate(ids, max_new_tokens=12, do_sample=False)
     assert got.tolist() == want.tolist()
@@ -41,6 +50,26 @@ def test_family_greedy_matches_transformers(family, tiny_models, family_servers,
         got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert got.tolist() == want.tolist()
+
+    if family == "gemma4":
+        # the second server's per-layer inputs rode along with the first server's push
+        with torch.no_grad(), model.inference_session(max_length=16) as session:
+            ids = ids[:1, -4:]
+            got = model.generate(ids, max_new_tokens=5, do_sample=False)
+            second = session.stats()[1]
+        assert got.tolist() == ref.generate(ids, max_new_tokens=5, do_sample=False).tolist()
+        assert second["computed_from"] == {"client": 0, "push": 5} and second["sent_by_client"] == 0
+        # gradients also flow back into the per-layer inputs the servers used
+        _assert_gradients_match(model, ref, ids)
+
+
+def _assert_gradients_match(model, ref, ids) -> None:
+    embeds = ref.get_input_embeddings()(ids).detach()
+    mine = embeds.clone().requires_grad_(True)
+    theirs = embeds.clone().requires_grad_(True)
+    model(inputs_embeds=mine, labels=ids).loss.backward()
+    ref(inputs_embeds=theirs, labels=ids).loss.backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_sampling_matches_transformers_with_the_same_seed(tiny_models, family_servers, remote_model):
@@ -86,12 +115,7 @@ def test_backward_through_the_swarm_matches_local_gradients(tiny_models, family_
     folder = tiny_models["llama"]
     model, ref = remote_model(folder), reference(folder)
     ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(4))
-    embeds = ref.get_input_embeddings()(ids).detach()
-    mine = embeds.clone().requires_grad_(True)
-    theirs = embeds.clone().requires_grad_(True)
-    model(inputs_embeds=mine, labels=ids).loss.backward()
-    ref(inputs_embeds=theirs, labels=ids).loss.backward()
-    torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4)
+    _assert_gradients_match(model, ref, ids)
 
 
 @pytest.mark.slow
