@@ -297,7 +297,9 @@ class AutoDistributedModelForCausalLM:
             raise
         owner = _SwarmMembership(transport, loop)
         try:
-            swarm = _swarm_client(config, family, transport, plugins, compressor, timeout, max_retries)
+            swarm = _swarm_client(
+                config, folder, family, transport, plugins, compressor, timeout, max_retries
+            )
             model = DistributedModelForCausalLM(copy.deepcopy(config), client_part, swarm, loop, owner)
         except BaseException:
             owner.close()  # leave the swarm again: no DHT process or p2pd may outlive a failed load
@@ -313,6 +315,7 @@ class AutoDistributedModelForCausalLM:
 
 def _swarm_client(
     config: PretrainedConfig,
+    folder: Path,
     family: Any,
     transport: Any,
     plugins: Any,
@@ -325,7 +328,7 @@ def _swarm_client(
 
     return SwarmClient(
         transport,
-        model_key(config),
+        model_key(config, folder),
         family.num_blocks(config),
         family.allowed_cuts(config),
         codec=compressor if compressor is not None else _raw(),

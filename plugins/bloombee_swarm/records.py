@@ -5,8 +5,9 @@ Keys (values expire; servers refresh them every ``ttl / 3`` seconds):
 * ``bloombee.models`` — subkey: model key; value: ``{"name", "family", "num_blocks"}`` (for ``status``).
 * ``<model key>.block.<i>`` — subkey: server peer id; value: a :class:`ServerRecord` as a map.
 
-The model key is the family's model type plus a hash of the checkpoint's config, so servers and clients
-that loaded the same model meet under the same keys wherever the files live on their disks.
+The model key is the family's model type plus a hash of the checkpoint's config and a fingerprint of its
+weights (:func:`weights_fingerprint`), so servers and clients that loaded the same checkpoint meet under
+the same keys wherever the files live on their disks, and checkpoints that share a config do not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bloombee_core.transport import Transport
@@ -25,10 +27,44 @@ MODELS_KEY = "bloombee.models"
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "_commit_hash", "architectures"}
 
 
-def model_key(config: Any) -> str:
+def model_key(config: Any, folder: str | Path | None = None) -> str:
+    """``<model_type>-<hash>`` of the config and, given the checkpoint folder, a fingerprint of its
+    weights: two checkpoints with one config but different weights must never meet under one key."""
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{config.model_type}-{digest}"
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
+    if folder is not None:
+        digest.update(weights_fingerprint(folder).encode())
+    return f"{config.model_type}-{digest.hexdigest()[:12]}"
+
+
+FINGERPRINT_SAMPLES = 16  # blocks of tensor data read per file
+FINGERPRINT_BLOCK = 4096
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """A cheap hash of a checkpoint's weights: each safetensors file's name, size and header (tensor
+    names, dtypes, shapes, offsets), plus 16 blocks of 4 KiB of tensor data spread evenly over the file.
+
+    Reads about 64 KiB per file, whatever the model's size. Two different trainings or fine-tunes differ
+    in (almost) every block; a change confined to bytes between the samples would go unseen.
+    """
+    digest = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder} to fingerprint")
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}:".encode())
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= min(size - 8, 100 << 20):
+                raise ValueError(f"{file} is not a safetensors file (header length {header_len})")
+            digest.update(f.read(header_len))
+            data_start, data_len = 8 + header_len, size - 8 - header_len
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(data_start + data_len * i // FINGERPRINT_SAMPLES)
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
 
 
 def block_key(model: str, index: int) -> str:

@@ -101,13 +101,20 @@ class SwarmClient:
             self._fetched_at = time.monotonic()
         return self.servers
 
-    async def ping(self, peer: str) -> float:
-        begin = time.perf_counter()
+    async def info(self, peer: str) -> dict[str, Any]:
+        """A server's own report (span, cache left, throughput, sessions, resident weight fraction)."""
         stream = await self.transport.connect(peer, wire.PROTOCOL)
         try:
-            await asyncio.wait_for(request(stream, {"type": "info"}, None, wire.RAW, self.codecs), 5.0)
+            head, _ = await asyncio.wait_for(
+                request(stream, {"type": "info"}, None, wire.RAW, self.codecs), 5.0
+            )
         finally:
             stream.close()
+        return head
+
+    async def ping(self, peer: str) -> float:
+        begin = time.perf_counter()
+        await self.info(peer)
         self.rtt[peer] = time.perf_counter() - begin
         return self.rtt[peer]
 

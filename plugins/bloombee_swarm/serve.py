@@ -76,7 +76,7 @@ async def start_server(
     config = load_config(path)
     family = plugins.family_for(config)
     num_blocks, cuts = family.num_blocks(config), family.allowed_cuts(config)
-    key = model_key(config)
+    key = model_key(config, path)
     await transport.start(
         initial_peers=opts.initial_peers,
         listen=opts.listen,

@@ -235,7 +235,15 @@ class SpanServer:
             "throughput": self.throughput,
             "version": self.version,
             "sessions": len(self.sessions),
+            "resident_fraction": self._resident_fraction(),
         }
+
+    def _resident_fraction(self) -> float:
+        """Share of the span's weight bytes kept on the device (below 1 with an offload policy)."""
+        from bloombee_core.offload import offload_plan
+
+        plan = offload_plan(self.span)
+        return float(plan.resident_fraction) if plan is not None else 1.0
 
     # ---- validation ------------------------------------------------------------------------------
     def _blocks(self, header: dict[str, Any]) -> Any:
