@@ -102,3 +102,8 @@ class BanList:
 
     def forgive(self, peer: str) -> None:
         self._strikes.pop(peer, None)
+
+    def lift(self, peer: str) -> None:
+        """End a ban now (and forget its strikes)."""
+        self._until.pop(peer, None)
+        self._strikes.pop(peer, None)

@@ -50,6 +50,40 @@ def test_generation_survives_a_server_killed_mid_generation(swarm, tiny_models, 
     assert streamer.killed in model.swarm.bans.banned()
 
 
+def test_backward_after_a_span_was_re_split(swarm, tiny_models, family_servers, remote_model):
+    """The forward ran blocks 1:3 on one server; by the backward no server hosting all of 1:3 is usable,
+    only servers of 1:2 and 2:3: the client recomputes the pieces' inputs and chains the backward."""
+    whole = [
+        c.ready["peer"] for c in family_servers["llama"] if c.ready["start"] == 1 and c.proc.poll() is None
+    ]
+    folder = tiny_models["llama"]
+    model = remote_model(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    halves = [swarm.serve(folder, blocks) for blocks in ("1:2", "2:3")]
+    bans = model.swarm.bans
+    try:
+        split = [child.wait_ready()["peer"] for child in halves]
+        ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(9))
+        embeds = ref.get_input_embeddings()(ids).detach()
+        mine = embeds.clone().requires_grad_(True)
+        theirs = embeds.clone().requires_grad_(True)
+        for peer in split:  # the forward: 1:3 in one piece
+            bans.ban(peer)
+        loss = model(inputs_embeds=mine, labels=ids).loss
+        for peer in split:  # the backward: 1:3 only in two pieces
+            bans.lift(peer)
+        for peer in whole:
+            bans.ban(peer)
+        loss.backward()
+        ref(inputs_embeds=theirs, labels=ids).loss.backward()
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4)
+    finally:
+        for peer in whole:
+            bans.lift(peer)
+        for child in halves:
+            child.stop()
+
+
 @pytest.fixture(scope="module")
 def raw_client(swarm):
     loop = LoopThread("raw-client")
