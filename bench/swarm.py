@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,6 +155,7 @@ class BenchSwarm:
         self.link = link
         self.dtype = dtype
         self.threads = threads
+        self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bloombee-bench-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
@@ -250,5 +252,10 @@ class BenchSwarm:
     def __enter__(self) -> BenchSwarm:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, *rest: object) -> None:
         self.close()
+        # Logs of a swarm that failed are kept (and named) for diagnosis; a clean run leaves no files behind.
+        if exc_type is None and self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        elif exc_type is not None and exc_type is not KeyboardInterrupt:
+            print(f"benchmark swarm logs kept in {self.log_dir}", file=sys.stderr)
