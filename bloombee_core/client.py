@@ -215,6 +215,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 f"attention_mask must be 2-D [batch, past+tokens], got shape {list(attention_mask.shape)}"
             )
         mask = attention_mask.to(torch.int64) if attention_mask is not None else None
+        if mask is not None and bool(mask.all()):
+            # No padding: the servers build the plain causal mask, exactly as transformers does for an
+            # all-ones mask, and a decode step does not ship (and validate) a mask that grows every token.
+            mask = None
         position_ids = position_ids.to(torch.int64)
         if session is not None:
             with torch.no_grad():

@@ -267,6 +267,7 @@ class HopSession:
         self.sources = {"client": 0, "push": 0}  # where the server took each step's input from
         self.server_counts: dict[str, int] = {}  # the server's own count of inputs received, by origin
         self.wait = 0.0  # how long the last step's reply took after the previous hop's
+        self.opening = False  # the open's reply is still to be read (before the first step's)
 
     def push_ref(self) -> dict[str, str]:
         return {"peer": self.hop.peer, "session_id": self.id}
@@ -282,7 +283,17 @@ class HopSession:
             "max_length": max_length,
             "push": push,
         }
-        await asyncio.wait_for(request(self.stream, header, None, wire.RAW, client.codecs), client.timeout)
+        # No round trip of its own: the first step follows at once, and the open's reply (an error if
+        # the server refuses, e.g. busy) is read just before that step's reply.
+        await wire.send(self.stream, header)
+        self.opening = True
+
+    async def _next_reply(self, client: SwarmClient) -> tuple[dict[str, Any], Tensors]:
+        assert self.stream is not None
+        if self.opening:
+            await read_reply(self.stream, client.codecs)
+            self.opening = False
+        return await read_reply(self.stream, client.codecs)
 
     async def send(self, client: SwarmClient, tensors: Tensors) -> None:
         """Deliver the current step's input ourselves (no push, or a push that is late)."""
@@ -298,7 +309,7 @@ class HopSession:
         which the server ignores if the push did arrive."""
         assert self.stream is not None
         begin = time.perf_counter()
-        reply = asyncio.ensure_future(read_reply(self.stream, client.codecs))
+        reply = asyncio.ensure_future(self._next_reply(client))
         try:
             if pushed:
                 grace = max(client.push_grace, 4 * self.wait)

@@ -126,6 +126,7 @@ class SpanServer:
         self.throughput = 0.0
         self._views: dict[tuple[int, int], Any] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="bloombee-compute")
+        self._in_executor = 0  # jobs handed to the compute thread and not finished
         self._announcer: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -338,7 +339,20 @@ class SpanServer:
         return tensors
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        self._in_executor += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        finally:
+            self._in_executor -= 1
+
+    async def _run_step(self, session: Session, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One inference step. Small ones (decoding) run right here on the event loop when the compute
+        thread is idle: handing them to the thread and back costs two cross-thread wake-ups, a
+        noticeable share of a few-millisecond step; nothing else could run meanwhile anyway."""
+        batch, tokens = tensors["hidden"].shape[:2]
+        if batch * tokens <= INLINE_TOKENS and self._in_executor == 0:
+            return self._inference_step(session, tensors)
+        return await self._run(self._inference_step, session, tensors)
 
     # ---- forward / backward (no cache) -----------------------------------------------------------
     async def _forward(self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]) -> None:
@@ -467,7 +481,7 @@ class SpanServer:
                 session.pending.setdefault(step, (tensors, source))
                 continue
             while True:
-                out = await self._run(self._inference_step, session, tensors)
+                out = await self._run_step(session, tensors)
                 # The push is on the critical path (the next server waits for it); the reply is not
                 # (the client keeps it for replay), so the push goes first.
                 pushed = await self._push(session, session.next_step, out, tensors)
@@ -484,6 +498,16 @@ class SpanServer:
                 if session.next_step not in session.pending:
                     break
                 tensors, source = session.pending.pop(session.next_step)
+
+    async def _session_soon(self, sid: Any) -> Session | None:
+        """The open session ``sid``, waiting briefly: the client opens sessions without waiting for the
+        replies, so a push may overtake the next server's ``open`` by a moment."""
+        if not isinstance(sid, str):
+            return None
+        deadline = time.monotonic() + PUSH_WAITS_FOR_OPEN
+        while sid not in self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return self.sessions.get(sid)
 
     def _inference_step(self, session: Session, t: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden, mask = t["hidden"], t.get("attention_mask")
@@ -546,7 +570,7 @@ class SpanServer:
     ) -> None:
         while True:
             sid = header.get("session_id")
-            session = self.sessions.get(sid) if isinstance(sid, str) else None
+            session = await self._session_soon(sid)
             if session is None:
                 raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
             step = _step_number(header)
@@ -617,6 +641,8 @@ async def _reply_error(stream: FrameStream, message: str, code: str) -> None:
         pass
 
 
+PUSH_WAITS_FOR_OPEN = 1.0  # seconds
+INLINE_TOKENS = 16  # batch * tokens of a step small enough to compute on the event loop
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 << 20
 
