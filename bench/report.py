@@ -6,6 +6,7 @@ the table and plots can be re-rendered from it (``python -m bench --report-only`
 
 from __future__ import annotations
 
+import datetime
 import json
 import statistics
 from collections.abc import Iterable
@@ -72,6 +73,7 @@ def make_result(
         "ratio_to_baseline": median / baseline_s if baseline_s > 0 else None,
         "command": command,
         "notes": notes,
+        "measured_at": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }
 
 
