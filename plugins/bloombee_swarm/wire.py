@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import torch
 
+from bloombee_core.compression import tensor_bytes_view, tensor_from_bytes
 from bloombee_core.transport import FrameStream, FrameTooLarge, TransportError
 
 PROTOCOL = "/bloombee/swarm/1.0.0"
@@ -51,23 +52,18 @@ class TensorMeta:
 
 
 class RawCodec:
-    """The codec every peer understands: the tensor's bytes as they are."""
+    """The codec every peer understands: the tensor's bytes as they are (the ``none`` compressor's format)."""
 
     name = "none"
 
     def encode(self, tensor: torch.Tensor) -> bytes:
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        return flat.view(torch.uint8).numpy().tobytes()
+        return tensor_bytes_view(tensor).numpy().tobytes()
 
     def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        expected = math.prod(shape) * dtype.itemsize
-        if len(payload) != expected:
-            raise ProtocolError(
-                f"raw payload holds {len(payload)} bytes, a {dtype} {list(shape)} needs {expected}"
-            )
-        if expected == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+        try:
+            return tensor_from_bytes(payload, dtype, shape)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
 
 
 RAW = RawCodec()
