@@ -49,7 +49,7 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: results in bench/results/ and docs/benchmarks.md."""
     install(session)
-    session.install("matplotlib")
+    session.install("matplotlib", "py-spy")  # plots; py-spy for python -m bench.profile
     session.run("python", "-m", "bench", *session.posargs)
 
 
