@@ -19,10 +19,10 @@ import time
 from bench.wanproxy import WanProxy
 
 
-class _Server:
+class EchoServer:
     """Echoes every message, or with ``ack_after`` bytes, answers one byte per ``ack_after`` received."""
 
-    def __init__(self, ack_after: int | None) -> None:
+    def __init__(self, ack_after: int | None = None) -> None:
         self.ack_after = ack_after
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -48,6 +48,9 @@ class _Server:
                 if received >= self.ack_after:
                     conn.sendall(b"!")
                     received = 0
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> None:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
 
-    echo, sink = _Server(None), _Server(args.bytes)
+    echo, sink = EchoServer(None), EchoServer(args.bytes)
     direct_rtt = statistics.median(round_trips(echo.port, args.message, args.repeats))
     direct_bulk = statistics.median(bulk_seconds(sink.port, args.bytes) for _ in range(3))
     print(

@@ -12,46 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.measure_proxy import EchoServer
+from bench.wanproxy import WanProxy
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from bench.wanproxy import WanProxy  # noqa: E402
-
 DELAY_MS = 25.0
-
-
-class EchoServer:
-    """A plain threaded TCP server: echoes what it gets, or with ``ack_after`` bytes, answers one byte."""
-
-    def __init__(self, ack_after: int | None = None) -> None:
-        self.ack_after = ack_after
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        received = 0
-        with conn:
-            while data := conn.recv(1 << 16):
-                received += len(data)
-                if self.ack_after is None:
-                    conn.sendall(data)
-                elif received >= self.ack_after:
-                    conn.sendall(b"!")
-                    received = 0
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
