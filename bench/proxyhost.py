@@ -25,21 +25,6 @@ def _pair(text: str) -> tuple[int, str]:
     return int(listen), target
 
 
-def _count_bytes(proxy: object) -> dict[str, int]:
-    """Count the bytes each direction of ``proxy`` books on its link (wraps its per-direction ``reserve``)."""
-    counts = {"up": 0, "down": 0}
-    for direction, attribute in (("up", "_uplink"), ("down", "_downlink")):
-        link = getattr(proxy, attribute)
-        reserve = link.reserve
-
-        def counting(nbytes: int, now: float, _reserve=reserve, _direction=direction) -> float:
-            counts[_direction] += nbytes
-            return _reserve(nbytes, now)
-
-        link.reserve = counting
-    return counts
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
@@ -51,19 +36,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.wanproxy import WanProxy
 
-    proxies = []
-    counters: dict[int, dict[str, int]] = {}
+    proxies: dict[int, WanProxy] = {}
     for listen, target in args.pairs:
         proxy = WanProxy(listen, target, args.delay_ms, args.mbit)
-        counters[listen] = _count_bytes(proxy)
         proxy.start()
-        proxies.append(proxy)
+        proxies[listen] = proxy
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(
         signal.SIGUSR1,
         lambda *_: print(
-            "\n".join(f"bytes {port} up={c['up']} down={c['down']}" for port, c in counters.items()),
+            "\n".join(f"bytes {port} up={p.bytes_up} down={p.bytes_down}" for port, p in proxies.items()),
             flush=True,
         ),
     )
@@ -73,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    for proxy in proxies:
+    for proxy in proxies.values():
         proxy.stop()
     return 0
 
