@@ -48,8 +48,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: results in bench/results/ and docs/benchmarks.md."""
-    install(session)
-    session.install("matplotlib", "py-spy")  # plots; py-spy for python -m bench.profile
+    install(session, "bench")
     session.run("python", "-m", "bench", *session.posargs)
 
 
