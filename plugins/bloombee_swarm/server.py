@@ -338,6 +338,19 @@ class SpanServer:
             raise RequestError(f"position_ids must lie in [0, 2**20), got {int(pos.min())}..{int(pos.max())}")
         return tensors
 
+    async def _accept_step(
+        self, session: Session, stream: FrameStream, header: dict, metas: list[TensorMeta], source: str
+    ) -> None:
+        """Check a step's tensors against its session, read them and queue the step (from the client or a push)."""
+        step = _step_number(header)
+        self._check_metas(metas, ("hidden", "position_ids"), session.span, session.batch, session.max_length)
+        tensors = await self._read(stream, metas)
+        if source == "push":
+            session.from_push += 1
+        else:
+            session.from_client += 1
+        await session.inbox.put(("step", step, tensors, source))
+
     async def _run(self, fn: Any, *args: Any) -> Any:
         self._in_executor += 1
         try:
@@ -446,13 +459,7 @@ class SpanServer:
                 if kind == "route":
                     await session.inbox.put(("route", _push_target(header.get("push"))))
                 elif kind == "step":
-                    step = _step_number(header)
-                    self._check_metas(
-                        metas, ("hidden", "position_ids"), session.span, session.batch, session.max_length
-                    )
-                    tensors = await self._read(stream, metas)
-                    session.from_client += 1
-                    await session.inbox.put(("step", step, tensors, "client"))
+                    await self._accept_step(session, stream, header, metas, "client")
                 else:
                     raise RequestError(
                         f"unknown message type {kind!r} in an inference session; expected step or route"
@@ -573,13 +580,7 @@ class SpanServer:
             session = await self._session_soon(sid)
             if session is None:
                 raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
-            step = _step_number(header)
-            self._check_metas(
-                metas, ("hidden", "position_ids"), session.span, session.batch, session.max_length
-            )
-            tensors = await self._read(stream, metas)
-            session.from_push += 1
-            await session.inbox.put(("step", step, tensors, "push"))
+            await self._accept_step(session, stream, header, metas, "push")
             message = await wire.read_header(stream)
             if message is None:
                 return
