@@ -19,7 +19,7 @@ import torch
 
 from bench.models import MODEL_KEYS, load_bench_model, random_prompt
 from bloombee_core.compression import Compressor
-from bloombee_core.plugins import load_plugins
+from bloombee_core.registry import load_plugins
 
 
 @torch.inference_mode()

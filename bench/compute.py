@@ -88,7 +88,7 @@ class LocalSplit:
 
     def __init__(self, model: BenchModel, cuts: list[int]) -> None:
         from bloombee_core.family import load_config
-        from bloombee_core.plugins import load_plugins
+        from bloombee_core.registry import load_plugins
 
         config = load_config(model.path)
         family = load_plugins().family_for(config)

@@ -75,9 +75,9 @@ def _start_proxy(target_port: int, delay_ms: float = 0.0) -> tuple[subprocess.Po
 
 async def _p2p_rows(payload_bytes: int, rounds: int) -> dict[str, list[float]]:
     from bloombee_hivemind.transport import HivemindTransport
-    from bloombee_swarm import wire
 
     from bench.swarm import free_port
+    from bloombee_core.swarm import wire
 
     hidden = torch.randn(1, 1, payload_bytes // 4)
     position_ids = torch.zeros(1, 1, dtype=torch.long)
@@ -92,7 +92,7 @@ async def _p2p_rows(payload_bytes: int, rounds: int) -> dict[str, list[float]]:
         async def echo(stream) -> None:
             while (message := await wire.read_header(stream)) is not None:
                 header, metas = message
-                tensors = await wire.read_tensors(stream, metas, wire.codec_table(), 1 << 24)
+                tensors = await wire.read_tensors(stream, metas, wire.compressor_table(), 1 << 24)
                 await wire.send(stream, {"ok": True}, tensors)
 
         async def frames(stream) -> None:
@@ -124,7 +124,7 @@ async def _p2p_rows(payload_bytes: int, rounds: int) -> dict[str, list[float]]:
                     stream, {"type": "step", "step": i}, {"hidden": hidden, "position_ids": position_ids}
                 )
                 head, metas = await wire.read_header(stream)
-                await wire.read_tensors(stream, metas, wire.codec_table(), 1 << 24)
+                await wire.read_tensors(stream, metas, wire.compressor_table(), 1 << 24)
                 if i >= 20:
                     rows[label].append(time.perf_counter() - t)
             stream.close()

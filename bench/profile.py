@@ -26,11 +26,11 @@ OUT = Path(tempfile.gettempdir()) / "bloombee-bench-profile"
 # First match wins, tested from the leaf frame upwards: the innermost frame we recognise names the cost.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("model compute (torch layers)", ("torch/nn/", "modeling_", "torch/_tensor", "torch/functional", "sdpa")),
-    ("wire encode/decode", ("bloombee_swarm/wire", "msgpack", "compression", "bloombee_compress")),
+    ("wire encode/decode", ("bloombee_core/swarm/wire", "msgpack", "compression", "bloombee_compress")),
     ("hivemind / p2p", ("hivemind/",)),
     ("asyncio event loop", ("asyncio/", "selectors.py")),
     ("transformers generate", ("generation/", "masking_utils", "cache_utils")),
-    ("bloombee swarm (other)", ("bloombee_swarm/", "bloombee_core/")),
+    ("bloombee swarm (other)", ("bloombee_core/",)),
 ]
 
 

@@ -12,7 +12,7 @@ from bloombee_core.build import build
 from bloombee_core.errors import BloombeeError, ConfigError, PluginError
 from bloombee_core.hookspecs import hookimpl
 from bloombee_core.plugin import Plugin, PluginOptions
-from bloombee_core.plugins import load_plugins
+from bloombee_core.registry import load_plugins
 from bloombee_core.settings import Settings, load_settings
 
 __all__ = [

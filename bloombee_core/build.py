@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from bloombee_core.plugins import load_plugins
+from bloombee_core.registry import load_plugins
 from bloombee_core.settings import Settings, check_plugin_choices
 
 if TYPE_CHECKING:

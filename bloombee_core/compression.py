@@ -10,12 +10,13 @@ network — so :meth:`Compressor.decode` implementations must never produce (or 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
 from bloombee_core.plugin import Plugin
 
-__all__ = ["Compressor", "expected_nbytes", "tensor_bytes_view", "tensor_from_bytes"]
+__all__ = ["RAW", "Compressor", "RawCompressor", "expected_nbytes", "tensor_bytes_view", "tensor_from_bytes"]
 
 
 class Compressor(Plugin):
@@ -36,6 +37,22 @@ class Compressor(Plugin):
         :raises ValueError: the payload does not decode to exactly ``prod(shape) * itemsize`` bytes.
         """
         raise NotImplementedError
+
+
+class RawCompressor(Compressor):
+    """No compression: the payload is the tensor's bytes. Every peer decodes it (name ``none``)."""
+
+    name: ClassVar[str] = "none"
+    description: ClassVar[str] = "raw bytes, no compression"
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        return tensor_bytes_view(tensor).numpy().tobytes()
+
+    def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return tensor_from_bytes(payload, dtype, shape)
+
+
+RAW = RawCompressor()
 
 
 def expected_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

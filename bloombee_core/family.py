@@ -50,6 +50,21 @@ def load_config(path: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
+def span_problem(start: int, end: int, within: tuple[int, int], cuts: Iterable[int]) -> str | None:
+    """Why blocks ``start:end`` are not a valid span inside blocks ``within`` of a model that may be
+    cut only at ``cuts`` (``None`` when they are). The one rule servers, clients and loaders share."""
+    low, high = within
+    if not low <= start < end <= high:
+        return f"blocks {start}:{end} are outside blocks {low}:{high} (need {low} <= start < end <= {high})"
+    allowed = sorted(set(cuts))
+    if start not in allowed or end not in allowed:
+        return (
+            f"blocks {start}:{end} cut the model where it cannot be cut (layers that share keys/values "
+            f"stay together); spans may start and end only at blocks {allowed}"
+        )
+    return None
+
+
 class TensorSource:
     """Reads single tensors by name from a folder of safetensors shards, lazily (memory-mapped).
 
@@ -208,16 +223,9 @@ class ModelFamily(Plugin):
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> BlockSpan:
-        n = self.num_blocks(config)
-        if not 0 <= start < end <= n:
-            raise ValueError(
-                f"span {start}:{end} is outside the model's {n} blocks (need 0 <= start < end <= {n})"
-            )
-        cuts = self.allowed_cuts(config)
-        if start not in cuts or end not in cuts:
-            raise ValueError(
-                f"span {start}:{end} cuts the model where it cannot be cut; allowed cuts: {cuts}"
-            )
+        problem = span_problem(start, end, (0, self.num_blocks(config)), self.allowed_cuts(config))
+        if problem:
+            raise ValueError(problem)
         skeleton = _meta_skeleton(config)
         config = self._prepared_config(config, skeleton)
         source = TensorSource(path, self.base_prefix)
@@ -401,11 +409,9 @@ class BlockSpan(nn.Module):
 
     def sub_span(self, start: int, end: int) -> BlockSpan:
         """Blocks start:end of this span, sharing its modules (a server serving part of what it holds)."""
-        cuts = self.family.allowed_cuts(self.config)
-        if not (self.start <= start < end <= self.end and start in cuts and end in cuts):
-            raise ValueError(
-                f"cannot take blocks {start}:{end} of span {self.start}:{self.end} (allowed cuts: {cuts})"
-            )
+        problem = span_problem(start, end, (self.start, self.end), self.family.allowed_cuts(self.config))
+        if problem:
+            raise ValueError(problem)
         if (start, end) == (self.start, self.end):
             return self
         layers = list(self.layers)[start - self.start : end - self.start]

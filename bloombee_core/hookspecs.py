@@ -2,7 +2,7 @@
 
 Every hook takes no arguments and returns the plugin classes it contributes (a list, possibly
 empty). Hooks are called once, when :func:`bloombee_core.build` (or
-:func:`bloombee_core.plugins.load_plugins`) assembles the stack — never per token or per block.
+:func:`bloombee_core.registry.load_plugins`) assembles the stack — never per token or per block.
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
 
 @dataclass(frozen=True)
 class PackagedModel:

@@ -24,9 +24,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bloombee_core.about import DEFAULT_MODEL
+from bloombee_core.dtypes import DtypeName
 from bloombee_core.errors import ConfigError, dotted
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bloombee_toml_path", default=None)
 
 
@@ -56,7 +57,7 @@ def choice(name: str, **options: Any) -> Any:
 
 class ModelSettings(_Section):
     path: str = Field(DEFAULT_MODEL, description="Hub id, local folder or .gguf file.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     family: str | None = Field(
         None, description="Model-family adapter; default: chosen by config.model_type."
     )
@@ -89,12 +90,20 @@ class ServerSettings(_Section):
     blocks: str | None = Field(None, description="Span to host, 'A:B' (blocks A..B-1).")
     num_blocks: int | None = Field(None, ge=1, description="Host this many of the least-served blocks.")
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Default: model.dtype.")
+    dtype: DtypeName | None = Field(None, description="Default: model.dtype.")
     listen: list[str] = Field(default_factory=list, description="Multiaddrs to listen on.")
     announce: list[str] = Field(default_factory=list, description="Multiaddrs to announce (e.g. a proxy's).")
     identity: Path | None = None
     public_name: str | None = None
     cache_bytes: int | None = Field(None, ge=0, description="KV-cache memory budget in bytes.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch compute threads; default: this machine's share (bloombee run splits cores).",
+    )
+    ttl: float = Field(
+        30.0, gt=0, description="Seconds the server's DHT records live (refreshed every ttl/3)."
+    )
     offload: PluginChoice = choice("none")
     compressor: PluginChoice = choice("none")
 
@@ -129,6 +138,18 @@ class JobSettings(_Section):
 
 class PluginsSettings(_Section):
     strict: bool = Field(False, description="A plugin that fails to load is an error instead of a warning.")
+
+
+class ServerJob(_Section):
+    """Everything one server process reads: the model, how to reach the swarm, its own settings.
+
+    ``bloombee serve`` builds it from flags; ``bloombee run`` hands it to each server process as JSON.
+    """
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
 
 class Settings(BaseSettings):

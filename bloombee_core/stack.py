@@ -175,7 +175,7 @@ class Stack:
         self.start()
         job = self.settings.job
         if job.kind == "generate":
-            from bloombee_swarm.generate import generate_text
+            from bloombee_core.client.generate import generate_text
 
             if not self.peers:
                 raise StackError(

@@ -8,7 +8,7 @@ from transformers import AutoConfig, Qwen2Config
 
 from bloombee_core.family import ModelFamily, load_config
 from bloombee_core.hookspecs import hookimpl
-from bloombee_core.plugins import load_plugins
+from bloombee_core.registry import load_plugins
 
 BUILT_IN = {
     "llama": "llama",

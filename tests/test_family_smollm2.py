@@ -8,8 +8,9 @@ from bloombee_family_llama import LlamaFamily
 from family_helpers import SplitModel, load_reference
 from transformers import AutoTokenizer
 
+from bloombee_core.about import DEFAULT_MODEL
 from bloombee_core.family import load_config
-from bloombee_core.model_files import DEFAULT_MODEL, resolve_model
+from bloombee_core.model_files import resolve_model
 
 pytestmark = pytest.mark.slow
 

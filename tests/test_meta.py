@@ -21,7 +21,7 @@ def signature_line(name: str) -> str:
 
 
 def test_there_is_one_register_hook_per_kind() -> None:
-    from bloombee_core.plugins import KINDS
+    from bloombee_core.registry import KINDS
 
     assert sorted(SPECS) == sorted(kind.hook for kind in KINDS.values())
 

@@ -8,10 +8,11 @@ import random
 import msgpack
 import pytest
 import torch
-from bloombee_swarm import wire
-from bloombee_swarm.records import ServerRecord, coverage, least_served_span
-from bloombee_swarm.routing import BanList, NoRouteError, plan_route
 
+from bloombee_core.compression import RAW
+from bloombee_core.swarm import wire
+from bloombee_core.swarm.records import ServerRecord, coverage, least_served_span
+from bloombee_core.swarm.routing import BanList, NoRouteError, plan_route
 from bloombee_core.transport import FrameStream
 
 
@@ -37,12 +38,12 @@ class Pipe:
         return FrameStream(self.reader, Writer(), "peer")
 
 
-def roundtrip(tensors, codec=wire.RAW, max_bytes=1 << 30):
+def roundtrip(tensors, compressor=RAW, max_bytes=1 << 30):
     async def go():
         stream = Pipe().stream()
-        await wire.send(stream, {"type": "x"}, tensors, codec)
+        await wire.send(stream, {"type": "x"}, tensors, compressor)
         header, metas = await wire.read_header(stream)
-        return header, await wire.read_tensors(stream, metas, wire.codec_table(), max_bytes)
+        return header, await wire.read_tensors(stream, metas, wire.compressor_table(), max_bytes)
 
     return asyncio.run(go())
 
@@ -77,7 +78,7 @@ def test_size_limits_are_checked_before_reading_payloads():
         (msgpack.packb("text"), "must be a map"),
         (
             msgpack.packb(
-                {"tensors": [{"name": "h", "dtype": "int8", "shape": [1], "codec": "none", "nbytes": 1}]}
+                {"tensors": [{"name": "h", "dtype": "int8", "shape": [1], "compressor": "none", "nbytes": 1}]}
             ),
             "dtype 'int8'",
         ),
@@ -85,7 +86,7 @@ def test_size_limits_are_checked_before_reading_payloads():
             msgpack.packb(
                 {
                     "tensors": [
-                        {"name": "h", "dtype": "float32", "shape": [1, -2], "codec": "none", "nbytes": 1}
+                        {"name": "h", "dtype": "float32", "shape": [1, -2], "compressor": "none", "nbytes": 1}
                     ]
                 }
             ),
@@ -95,7 +96,7 @@ def test_size_limits_are_checked_before_reading_payloads():
             msgpack.packb(
                 {
                     "tensors": [
-                        {"name": "h", "dtype": "float32", "shape": [1] * 9, "codec": "none", "nbytes": 4}
+                        {"name": "h", "dtype": "float32", "shape": [1] * 9, "compressor": "none", "nbytes": 4}
                     ]
                 }
             ),
@@ -114,15 +115,15 @@ def test_malformed_headers_are_refused_with_a_reason(header, message):
         asyncio.run(go())
 
 
-def test_unknown_codec_is_refused():
+def test_unknown_compressor_is_refused():
     async def go():
         stream = Pipe().stream()
-        meta = {"name": "h", "dtype": "float32", "shape": [1], "codec": "zip9000", "nbytes": 4}
+        meta = {"name": "h", "dtype": "float32", "shape": [1], "compressor": "zip9000", "nbytes": 4}
         await stream.write_frame(msgpack.packb({"tensors": [meta]}))
         _, metas = await wire.read_header(stream)
-        await wire.read_tensors(stream, metas, wire.codec_table(), 1 << 20)
+        await wire.read_tensors(stream, metas, wire.compressor_table(), 1 << 20)
 
-    with pytest.raises(wire.ProtocolError, match="unknown codec 'zip9000'"):
+    with pytest.raises(wire.ProtocolError, match="unknown compressor 'zip9000'"):
         asyncio.run(go())
 
 
@@ -184,8 +185,8 @@ def test_records_from_the_dht_are_validated():
     assert ServerRecord.from_value("p", [1, 2]) is None
 
 
-def test_hidden_states_can_travel_compressed_and_the_header_names_the_codec():
-    from bloombee_core.plugins import load_plugins
+def test_hidden_states_can_travel_compressed_and_the_header_names_the_compressor():
+    from bloombee_core.registry import load_plugins
 
     zstd = load_plugins().create("compressors", "zstd")
     hidden = torch.randn(2, 5, 16).to(torch.bfloat16)
@@ -196,9 +197,9 @@ def test_hidden_states_can_travel_compressed_and_the_header_names_the_codec():
             stream, {}, {"hidden": hidden, "position_ids": torch.zeros(2, 5, dtype=torch.long)}, zstd
         )
         _, metas = await wire.read_header(stream)
-        out = await wire.read_tensors(stream, metas, wire.codec_table({"zstd": zstd}), 1 << 20)
+        out = await wire.read_tensors(stream, metas, wire.compressor_table({"zstd": zstd}), 1 << 20)
         return metas, out
 
     metas, out = asyncio.run(go())
-    assert {m.name: m.codec for m in metas} == {"hidden": "zstd", "position_ids": "none"}
+    assert {m.name: m.compressor for m in metas} == {"hidden": "zstd", "position_ids": "none"}
     assert torch.equal(out["hidden"].view(torch.int16), hidden.view(torch.int16))

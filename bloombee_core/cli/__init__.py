@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from bloombee_core.about import version
 from bloombee_core.errors import BloombeeError
 
 # Modules that add commands, in the order --help lists them.
@@ -24,7 +25,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="bloombee",
         description="Run and fine-tune large language models on machines pooled over a P2P network.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -44,15 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bloombee")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 if __name__ == "__main__":

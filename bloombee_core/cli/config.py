@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bloombee_core.plugins import load_plugins
+from bloombee_core.registry import load_plugins
 from bloombee_core.settings import Settings, check_plugin_choices, load_settings
 
 

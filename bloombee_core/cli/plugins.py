@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from bloombee_core.plugins import KINDS, load_plugins
+from bloombee_core.registry import KINDS, load_plugins
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -63,7 +63,7 @@ def _peers(p: argparse.ArgumentParser) -> None:
 
 
 def _transport(name: str = "hivemind") -> tuple[Any, Any]:
-    from bloombee_core.plugins import load_plugins
+    from bloombee_core.registry import load_plugins
 
     plugins = load_plugins()
     return plugins, plugins.create("transports", name, "network.transport")
@@ -82,7 +82,7 @@ def wait_for_signal() -> None:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from bloombee_swarm.aio import LoopThread
+    from bloombee_core.swarm.aio import LoopThread
 
     _, transport = _transport()
     loop = LoopThread("bloombee-bootstrap")
@@ -102,28 +102,32 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bloombee_swarm.serve import ServeOptions, peers_arg, serve_forever
+    from bloombee_core.registry import load_plugins
+    from bloombee_core.server.process import peers_arg, serve_forever
+    from bloombee_core.settings import ServerJob
 
-    from bloombee_core.settings import parse_blocks
-
-    plugins, transport = _transport()
-    opts = ServeOptions(
-        model=args.model,
-        initial_peers=peers_arg(args.initial_peers),
-        blocks=parse_blocks(args.blocks) if args.blocks else None,
-        num_blocks=args.num_blocks,
-        dtype=args.dtype,
-        device=args.device,
-        listen=args.listen,
-        announce=args.announce,
-        identity=args.identity,
-        public_name=args.public_name,
-        cache_bytes=args.cache_bytes,
-        ttl=args.ttl,
+    server = {
+        "blocks": args.blocks,
+        "num_blocks": args.num_blocks,
+        "dtype": args.dtype,
+        "device": args.device,
+        "listen": args.listen,
+        "announce": args.announce,
+        "identity": args.identity,
+        "public_name": args.public_name,
+        "cache_bytes": args.cache_bytes,
+        "ttl": args.ttl,
+        "offload": _choice(args.offload),
+        "compressor": _choice(args.compressor),
+    }
+    job = ServerJob.model_validate(
+        {
+            "model": {"path": args.model},
+            "network": {"initial_peers": peers_arg(args.initial_peers)},
+            "server": server,
+        }
     )
-    compressor = plugins.create("compressors", _choice(args.compressor), "--compressor")
-    offload = plugins.create("offload_policies", _choice(args.offload), "--offload")
-    return serve_forever(opts, transport, plugins, compressor, offload)
+    return serve_forever(job, load_plugins())
 
 
 def _choice(text: str) -> Any:
@@ -132,10 +136,9 @@ def _choice(text: str) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bloombee_swarm.generate import generate_text
-    from bloombee_swarm.serve import peers_arg
-
-    from bloombee_core.plugins import load_plugins
+    from bloombee_core.client.generate import generate_text
+    from bloombee_core.registry import load_plugins
+    from bloombee_core.server.process import peers_arg
 
     plugins = load_plugins()
     decoding = plugins.create("decoding_strategies", args.decoding, "--decoding")
@@ -153,9 +156,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bloombee_swarm.aio import LoopThread
-    from bloombee_swarm.serve import peers_arg
-    from bloombee_swarm.status import collect, render
+    from bloombee_core.cli.status import collect, render
+    from bloombee_core.server.process import peers_arg
+    from bloombee_core.swarm.aio import LoopThread
 
     _, transport = _transport()
     loop = LoopThread("bloombee-status")

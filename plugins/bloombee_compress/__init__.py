@@ -5,11 +5,10 @@ from __future__ import annotations
 from bloombee_compress.codecs import (
     BUILTIN_COMPRESSORS,
     Lz4Compressor,
-    RawCompressor,
     ZstdByteSplitCompressor,
     ZstdCompressor,
 )
-from bloombee_core.compression import Compressor
+from bloombee_core.compression import Compressor, RawCompressor
 from bloombee_core.hookspecs import hookimpl
 
 __all__ = ["Lz4Compressor", "RawCompressor", "ZstdByteSplitCompressor", "ZstdCompressor"]

@@ -15,25 +15,18 @@ import torch
 import zstandard
 from pydantic import Field
 
-from bloombee_core.compression import Compressor, expected_nbytes, tensor_bytes_view, tensor_from_bytes
+from bloombee_core.compression import (
+    Compressor,
+    RawCompressor,
+    expected_nbytes,
+    tensor_bytes_view,
+    tensor_from_bytes,
+)
 from bloombee_core.plugin import PluginOptions
 
 # lz4's block format cannot hold more than this in one block (LZ4_MAX_INPUT_SIZE).
 LZ4_MAX_INPUT = 0x7E000000
 MAX_ZSTD_WINDOW_SLACK = 1 << 20
-
-
-class RawCompressor(Compressor):
-    """No compression: the payload is the tensor's bytes."""
-
-    name: ClassVar[str] = "none"
-    description: ClassVar[str] = "raw bytes, no compression"
-
-    def encode(self, tensor: torch.Tensor) -> bytes:
-        return tensor_bytes_view(tensor).numpy().tobytes()
-
-    def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return tensor_from_bytes(payload, dtype, shape)
 
 
 class Lz4Compressor(Compressor):

@@ -47,8 +47,9 @@ def test_status_lists_servers_spans_and_coverage(swarm, tiny_models, family_serv
 
 
 def test_status_highlights_missing_blocks():
-    from bloombee_swarm.status import render
     from rich.console import Console
+
+    from bloombee_core.cli.status import render
 
     report = {
         "models": [

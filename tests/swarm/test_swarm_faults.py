@@ -8,11 +8,12 @@ import msgpack
 import pytest
 import torch
 from bloombee_hivemind import HivemindTransport
-from bloombee_swarm import wire
-from bloombee_swarm.aio import LoopThread
-from bloombee_swarm.remote import RemoteError, request
 from transformers import AutoModelForCausalLM
 
+from bloombee_core.client.remote import RemoteError, request
+from bloombee_core.compression import RAW
+from bloombee_core.swarm import wire
+from bloombee_core.swarm.aio import LoopThread
 from bloombee_core.transport import TransportError
 
 
@@ -114,7 +115,7 @@ def _header(**fields) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
-def _meta(name, dtype, shape, nbytes=None, codec="none"):
+def _meta(name, dtype, shape, nbytes=None, compressor="none"):
     size = {"float32": 4, "int64": 8, "bfloat16": 2, "float16": 2}[dtype]
     count = 1
     for d in shape:
@@ -123,7 +124,7 @@ def _meta(name, dtype, shape, nbytes=None, codec="none"):
         "name": name,
         "dtype": dtype,
         "shape": shape,
-        "codec": codec,
+        "compressor": compressor,
         "nbytes": count * size if nbytes is None else nbytes,
     }
 
@@ -250,8 +251,8 @@ def test_a_valid_raw_forward_still_works_after_bad_requests(tiny_models, family_
                 stream,
                 {"type": "forward", "start": 0, "end": 1},
                 {"hidden": hidden, "position_ids": pos},
-                wire.RAW,
-                wire.codec_table(),
+                RAW,
+                wire.compressor_table(),
             )
         finally:
             stream.close()
@@ -266,8 +267,8 @@ def test_a_valid_raw_forward_still_works_after_bad_requests(tiny_models, family_
                 stream,
                 {"type": "forward", "start": 0, "end": 2},
                 {"hidden": torch.randn(1, 3, 64), "position_ids": torch.zeros(1, 3, dtype=torch.long)},
-                wire.RAW,
-                wire.codec_table(),
+                RAW,
+                wire.compressor_table(),
             )
         finally:
             stream.close()

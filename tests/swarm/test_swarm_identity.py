@@ -36,7 +36,7 @@ def server_b(swarm, checkpoint_b, family_servers):
 def test_same_config_other_weights_is_another_model(
     tiny_models, checkpoint_b, server_b, family_servers, remote_model
 ):
-    from bloombee_swarm.records import model_key
+    from bloombee_core.swarm.records import model_key
 
     folder_a = tiny_models["llama"]
     config_a, config_b = load_config(folder_a), load_config(checkpoint_b)

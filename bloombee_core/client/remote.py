@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from bloombee_core.compression import RAW, Compressor
+from bloombee_core.swarm import wire
+from bloombee_core.swarm.records import ServerRecord, fetch_servers
+from bloombee_core.swarm.routing import BanList, Hop, NoRouteError, plan_route
+from bloombee_core.swarm.wire import ProtocolError
 from bloombee_core.transport import FrameStream, Transport, TransportError
-from bloombee_swarm import wire
-from bloombee_swarm.records import ServerRecord, fetch_servers
-from bloombee_swarm.routing import BanList, Hop, NoRouteError, plan_route
-from bloombee_swarm.wire import ProtocolError
 
 logger = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
@@ -49,15 +50,17 @@ async def request(
     stream: FrameStream,
     header: dict[str, Any],
     tensors: Mapping[str, torch.Tensor] | None,
-    codec: Any,
-    codecs: Any,
+    compressor: Compressor,
+    decoders: Mapping[str, Compressor],
 ) -> tuple[dict[str, Any], Tensors]:
     """Send one message and read its reply (raising :class:`RemoteError` for an error reply)."""
-    await wire.send(stream, header, tensors, codec)
-    return await read_reply(stream, codecs)
+    await wire.send(stream, header, tensors, compressor)
+    return await read_reply(stream, decoders)
 
 
-async def read_reply(stream: FrameStream, codecs: Any) -> tuple[dict[str, Any], Tensors]:
+async def read_reply(
+    stream: FrameStream, decoders: Mapping[str, Compressor]
+) -> tuple[dict[str, Any], Tensors]:
     reply = await wire.read_header(stream)
     if reply is None:
         raise TransportError(f"server {stream.peer} closed the stream without answering")
@@ -66,7 +69,7 @@ async def read_reply(stream: FrameStream, codecs: Any) -> tuple[dict[str, Any], 
         raise RemoteError(
             stream.peer, str(head.get("error", "no reason given")), str(head.get("code", "internal"))
         )
-    return head, await wire.read_tensors(stream, metas, codecs, 1 << 31)
+    return head, await wire.read_tensors(stream, metas, decoders, 1 << 31)
 
 
 class SwarmClient:
@@ -77,7 +80,7 @@ class SwarmClient:
         num_blocks: int,
         cuts: list[int],
         *,
-        codec: Any = wire.RAW,
+        compressor: Compressor = RAW,
         compressors: Mapping[str, Any] | None = None,
         timeout: float = 60.0,
         max_retries: int = 6,
@@ -86,7 +89,7 @@ class SwarmClient:
     ) -> None:
         self.transport = transport
         self.model, self.num_blocks, self.cuts = model, num_blocks, cuts
-        self.codec, self.codecs = codec, wire.codec_table(compressors)
+        self.compressor, self.decoders = compressor, wire.compressor_table(compressors)
         self.timeout, self.max_retries, self.refresh_every = timeout, max_retries, refresh_every
         self.push_grace = push_grace  # seconds to wait for a pushed step before sending it ourselves
         self.bans = BanList()
@@ -105,9 +108,7 @@ class SwarmClient:
         """A server's own report (span, cache left, throughput, sessions, resident weight fraction)."""
         stream = await self.transport.connect(peer, wire.PROTOCOL)
         try:
-            head, _ = await asyncio.wait_for(
-                request(stream, {"type": "info"}, None, wire.RAW, self.codecs), 5.0
-            )
+            head, _ = await asyncio.wait_for(request(stream, {"type": "info"}, None, RAW, self.decoders), 5.0)
         finally:
             stream.close()
         return head
@@ -151,7 +152,7 @@ class SwarmClient:
         try:
             header = {"type": kind, "start": hop.start, "end": hop.end}
             _, out = await asyncio.wait_for(
-                request(stream, header, tensors, self.codec, self.codecs), self.timeout
+                request(stream, header, tensors, self.compressor, self.decoders), self.timeout
             )
         finally:
             stream.close()
@@ -291,14 +292,14 @@ class HopSession:
     async def _next_reply(self, client: SwarmClient) -> tuple[dict[str, Any], Tensors]:
         assert self.stream is not None
         if self.opening:
-            await read_reply(self.stream, client.codecs)
+            await read_reply(self.stream, client.decoders)
             self.opening = False
-        return await read_reply(self.stream, client.codecs)
+        return await read_reply(self.stream, client.decoders)
 
     async def send(self, client: SwarmClient, tensors: Tensors) -> None:
         """Deliver the current step's input ourselves (no push, or a push that is late)."""
         assert self.stream is not None
-        await wire.send(self.stream, {"type": "step", "step": self.steps}, tensors, client.codec)
+        await wire.send(self.stream, {"type": "step", "step": self.steps}, tensors, client.compressor)
         self.sent += 1
 
     async def receive(

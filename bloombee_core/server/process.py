@@ -8,47 +8,22 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from bloombee_core.about import version
+from bloombee_core.dtypes import torch_dtype
+from bloombee_core.registry import PluginSet
+from bloombee_core.server.runtime import Limits, SpanServer
+from bloombee_core.settings import ServerJob
+from bloombee_core.swarm.aio import LoopThread
+from bloombee_core.swarm.records import coverage, fetch_servers, least_served_span, model_key
 from bloombee_core.transport import Transport
-from bloombee_swarm import wire
-from bloombee_swarm.aio import LoopThread
-from bloombee_swarm.records import coverage, fetch_servers, least_served_span, model_key
-from bloombee_swarm.server import Limits, SpanServer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 READY = "bloombee-server-ready"
-
-
-@dataclass
-class ServeOptions:
-    model: str
-    initial_peers: list[str]
-    blocks: tuple[int, int] | None = None
-    num_blocks: int | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    listen: list[str] = field(default_factory=list)
-    announce: list[str] = field(default_factory=list)
-    identity: str | None = None
-    public_name: str = ""
-    cache_bytes: int | None = None
-    ttl: float = 30.0
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("bloombee")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def resolve(model: str) -> Any:
@@ -63,76 +38,61 @@ def default_cache_budget(span: Any, dtype: torch.dtype) -> int:
 
 
 async def start_server(
-    opts: ServeOptions,
-    transport: Transport,
-    plugins: Any,
-    compressor: Any = None,
-    offload: Any = None,
-    limits: Limits | None = None,
+    job: ServerJob, transport: Transport, plugins: PluginSet, limits: Limits | None = None
 ) -> SpanServer:
-    from bloombee_core.family import load_config
+    from bloombee_core.family import load_config, span_problem
 
-    path = resolve(opts.model)
+    opts = job.server
+    path = resolve(job.model.path)
     config = load_config(path)
-    family = plugins.family_for(config)
+    family = plugins.family_for(config, job.model.family)
+    compressor = plugins.create("compressors", opts.compressor, "server.compressor")
+    offload = plugins.create("offload_policies", opts.offload, "server.offload")
     num_blocks, cuts = family.num_blocks(config), family.allowed_cuts(config)
     key = model_key(config, path)
     await transport.start(
-        initial_peers=opts.initial_peers,
+        initial_peers=job.network.initial_peers,
         listen=opts.listen,
         announce=opts.announce,
-        identity=opts.identity,
+        identity=str(opts.identity) if opts.identity else None,
     )
     if opts.blocks is not None:
-        start, end = opts.blocks
-        if not 0 <= start < end <= num_blocks:
-            raise ValueError(
-                f"--blocks {start}:{end} is outside the model's {num_blocks} blocks (0:{num_blocks})"
-            )
-        if start not in cuts or end not in cuts:
-            raise ValueError(
-                f"--blocks {start}:{end} cuts the model where it cannot be cut (a KV-sharing group must "
-                f"stay on one server); spans may start and end only at blocks {cuts}"
-            )
+        start, end = opts.span()
+        problem = span_problem(start, end, (0, num_blocks), cuts)
+        if problem:
+            raise ValueError(f"--blocks {start}:{end}: {problem}")
     else:
         servers = await fetch_servers(transport, key, num_blocks)
         start, end = least_served_span(
             coverage(list(servers.values()), num_blocks), opts.num_blocks or num_blocks, cuts
         )
         logger.info("chose the least-served blocks %d:%d", start, end)
-    dtype = DTYPES[opts.dtype]
+    dtype = torch_dtype(opts.dtype or job.model.dtype)
     loop = asyncio.get_running_loop()
     # With an offload policy the weights are read into CPU memory and the policy places them (only the
     # resident share goes to the device): a span larger than the device must not be loaded there first.
-    offloading = offload is not None and getattr(offload, "name", "none") != "none"
+    offloading = offload.name != "none"
     load_on = "cpu" if offloading else opts.device
     span = await loop.run_in_executor(
         None, lambda: family.load_span(path, config, start, end, dtype, load_on)
     )
-    if offload is not None and hasattr(offload, "apply"):
-        span = offload.apply(span, torch.device(opts.device)) or span
-    compressors = {}
-    if plugins is not None:
-        for name, cls in plugins.classes("compressors").items():
-            try:
-                compressors[name] = cls()
-            except Exception:  # noqa: BLE001 - a compressor that needs options is used only when chosen
-                pass
-    if compressor is not None:
-        compressors[compressor.name] = compressor
+    if offloading:
+        span = offload.apply(span, torch.device(opts.device))
+    compressors = plugins.instances_without_options("compressors")
+    compressors[compressor.name] = compressor
     server = SpanServer(
         transport,
         span,
         model=key,
-        model_info={"name": str(opts.model), "family": family.name, "num_blocks": num_blocks},
+        model_info={"name": str(job.model.path), "family": family.name, "num_blocks": num_blocks},
         family=family.name,
         cuts=cuts,
         dtype=dtype,
         device=opts.device,
         cache_budget=opts.cache_bytes if opts.cache_bytes is not None else default_cache_budget(span, dtype),
         compressors=compressors,
-        output_codec=compressor if compressor is not None else wire.RAW,
-        public_name=opts.public_name,
+        output_compressor=compressor,
+        public_name=opts.public_name or "",
         version=version(),
         limits=limits,
         ttl=opts.ttl,
@@ -142,21 +102,19 @@ async def start_server(
 
 
 def serve_forever(
-    opts: ServeOptions,
-    transport: Transport,
-    plugins: Any,
-    compressor: Any = None,
-    offload: Any = None,
-    announce_ready: Callable[[dict[str, Any]], None] | None = None,
+    job: ServerJob, plugins: PluginSet, announce_ready: Callable[[dict[str, Any]], None] | None = None
 ) -> int:
     """Run a server until SIGTERM / SIGINT; prints one ready line (JSON) to stdout once it serves."""
+    if job.server.threads:
+        torch.set_num_threads(job.server.threads)
+    transport = plugins.create("transports", job.network.transport, "network.transport")
     loop = LoopThread("bloombee-server")
     stop = asyncio.Event()
     server: SpanServer | None = None
 
     async def main() -> None:
         nonlocal server
-        server = await start_server(opts, transport, plugins, compressor, offload)
+        server = await start_server(job, transport, plugins)
         info = {
             "peer": transport.peer_id,
             "start": server.span.start,

@@ -1,5 +1,5 @@
 """The server runtime: hosts one span of blocks, announces it, and serves forward, backward, inference
-and push requests over one stream protocol (:data:`bloombee_swarm.wire.PROTOCOL`).
+and push requests over one stream protocol (:data:`bloombee_core.swarm.wire.PROTOCOL`).
 
 A stream starts with a request header whose ``type`` decides what the stream is:
 
@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
+from bloombee_core.compression import RAW
+from bloombee_core.family import span_problem
+from bloombee_core.swarm import wire
+from bloombee_core.swarm.records import ServerRecord, announce
+from bloombee_core.swarm.wire import ProtocolError, TensorMeta
 from bloombee_core.transport import FrameStream, Transport, TransportError
-from bloombee_swarm import wire
-from bloombee_swarm.records import ServerRecord, announce
-from bloombee_swarm.wire import ProtocolError, TensorMeta
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class SpanServer:
         cache_budget: int,
         device: str | torch.device = "cpu",
         compressors: dict[str, Any] | None = None,
-        output_codec: Any = wire.RAW,
+        output_compressor: Any = RAW,
         public_name: str = "",
         version: str = "",
         limits: Limits | None = None,
@@ -117,8 +119,8 @@ class SpanServer:
         self.side_sizes: dict[str, int] = dict(span.family.side_inputs(span.config))
         self.num_blocks = int(span.family.num_blocks(span.config))
         self.cache_budget, self.cache_used = cache_budget, 0
-        self.codecs = wire.codec_table(compressors)
-        self.output_codec = output_codec
+        self.decoders = wire.compressor_table(compressors)
+        self.output_compressor = output_compressor
         self.public_name, self.version = public_name, version
         self.limits = limits or Limits()
         self.ttl = ttl
@@ -251,12 +253,9 @@ class SpanServer:
         start, end = header.get("start"), header.get("end")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
             raise RequestError(f"'start' and 'end' must be integers, got {start!r} and {end!r}")
-        if not self.span.start <= start < end <= self.span.end:
-            raise RequestError(
-                f"blocks {start}:{end} are out of range: this server hosts blocks {self.span.start}:{self.span.end}"
-            )
-        if start not in self.cuts or end not in self.cuts:
-            raise RequestError(f"blocks {start}:{end} cut the model where it cannot be cut")
+        problem = span_problem(start, end, (self.span.start, self.span.end), self.cuts)
+        if problem:
+            raise RequestError(f"{problem} (this server hosts blocks {self.span.start}:{self.span.end})")
         key = (start, end)
         if key not in self._views:
             self._views[key] = self.span.sub_span(start, end)
@@ -329,7 +328,7 @@ class SpanServer:
         return by_name
 
     async def _read(self, stream: FrameStream, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
-        tensors = await wire.read_tensors(stream, metas, self.codecs, self.limits.max_tensor_bytes)
+        tensors = await wire.read_tensors(stream, metas, self.decoders, self.limits.max_tensor_bytes)
         mask = tensors.get("attention_mask")
         if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
             raise RequestError("attention_mask may only hold 0 (padding) and 1 (token)")
@@ -383,7 +382,7 @@ class SpanServer:
                 )
             return out.to("cpu", t["hidden"].dtype)
 
-        await wire.send(stream, {"ok": True}, {"hidden": await self._run(run)}, self.output_codec)
+        await wire.send(stream, {"ok": True}, {"hidden": await self._run(run)}, self.output_compressor)
 
     async def _backward(self, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]) -> None:
         view = self._blocks(header)
@@ -403,7 +402,7 @@ class SpanServer:
             names = ["grad", *(f"grad.{k}" for k in side)]
             return {n: g.to("cpu", t["hidden"].dtype) for n, g in zip(names, grads, strict=True)}
 
-        await wire.send(stream, {"ok": True}, await self._run(run), self.output_codec)
+        await wire.send(stream, {"ok": True}, await self._run(run), self.output_compressor)
 
     # ---- inference sessions ----------------------------------------------------------------------
     async def _inference(self, stream: FrameStream, header: dict[str, Any]) -> None:
@@ -500,7 +499,7 @@ class SpanServer:
                     "from_client": session.from_client,
                     "from_push": session.from_push,
                 }
-                await wire.send(stream, reply, {"hidden": out}, self.output_codec)
+                await wire.send(stream, reply, {"hidden": out}, self.output_compressor)
                 session.next_step += 1
                 if session.next_step not in session.pending:
                     break
@@ -563,7 +562,7 @@ class SpanServer:
         header = {"type": "push", "session_id": session.push_target[1], "step": step}
         try:
             stream = await session.push_stream
-            await wire.send(stream, header, tensors, self.output_codec)
+            await wire.send(stream, header, tensors, self.output_compressor)
         except Exception as exc:  # noqa: BLE001 - the client delivers the step instead
             logger.info(
                 "push to %s failed (%s); the client will deliver the step", session.push_target[0], exc

@@ -25,6 +25,8 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from bloombee_core.compression import RAW
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,7 +65,7 @@ class InferenceSessionHandle:
     """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
-        from bloombee_swarm.remote import InferenceSession
+        from bloombee_core.client.remote import InferenceSession
 
         self.model = model
         self.inner = InferenceSession(model.swarm, max_length)
@@ -275,11 +277,10 @@ class AutoDistributedModelForCausalLM:
         max_retries: int = 6,
         **_: Any,
     ) -> DistributedModelForCausalLM:
-        from bloombee_swarm.aio import LoopThread
-
         from bloombee_core.family import load_config
         from bloombee_core.model_files import resolve_model
-        from bloombee_core.plugins import load_plugins
+        from bloombee_core.registry import load_plugins
+        from bloombee_core.swarm.aio import LoopThread
 
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
@@ -327,35 +328,19 @@ def _swarm_client(
     timeout: float,
     max_retries: int,
 ) -> Any:
-    from bloombee_swarm.records import model_key
-    from bloombee_swarm.remote import SwarmClient
+    from bloombee_core.client.remote import SwarmClient
+    from bloombee_core.swarm.records import model_key
 
     return SwarmClient(
         transport,
         model_key(config, folder),
         family.num_blocks(config),
         family.allowed_cuts(config),
-        codec=compressor if compressor is not None else _raw(),
-        compressors=_all_compressors(plugins),
+        compressor=compressor if compressor is not None else RAW,
+        compressors=plugins.instances_without_options("compressors"),
         timeout=timeout,
         max_retries=max_retries,
     )
-
-
-def _raw() -> Any:
-    from bloombee_swarm.wire import RAW
-
-    return RAW
-
-
-def _all_compressors(plugins: Any) -> dict[str, Any]:
-    out = {}
-    for name, cls in plugins.classes("compressors").items():
-        try:
-            out[name] = cls()
-        except Exception:  # noqa: BLE001 - needs options; only usable when chosen explicitly
-            pass
-    return out
 
 
 def _close_quietly(transport: Any, loop: Any) -> None:

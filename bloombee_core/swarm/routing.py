@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from bloombee_swarm.records import ServerRecord
+from bloombee_core.swarm.records import ServerRecord
 
 HOP_COST = 0.005  # seconds; also the default latency of a server not measured yet
 DEFAULT_RTT = 0.010

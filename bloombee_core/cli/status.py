@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
+from bloombee_core.swarm.records import coverage, fetch_models, fetch_servers
 from bloombee_core.transport import Transport
-from bloombee_swarm.records import coverage, fetch_models, fetch_servers
 
 
 async def collect(transport: Transport) -> dict[str, Any]:

@@ -135,6 +135,17 @@ class PluginSet:
             raise ConfigError(*_first_error(exc, key)) from None
         return cls(validated)
 
+    def instances_without_options(self, kind: str) -> dict[str, Plugin]:
+        """One instance of every plugin of ``kind`` that works without options, by name: e.g. every
+        compressor a peer can decode. Plugins whose options have no defaults are left out."""
+        out: dict[str, Plugin] = {}
+        for name, cls in self.classes(kind).items():
+            try:
+                out[name] = cls()
+            except Exception:  # noqa: BLE001 - needs options: usable only where chosen with them
+                continue
+        return out
+
     def family_for(self, config: Any, name: str | None = None) -> Any:
         """The model-family adapter serving ``config.model_type`` (or the family called ``name``)."""
         if name:

@@ -1,7 +1,7 @@
 """The wire format: a msgpack header frame, then each tensor's payload in frames of at most CHUNK bytes.
 
 A header is a msgpack map. Tensors are described in ``header["tensors"]`` as
-``{"name", "dtype", "shape", "codec", "nbytes"}``; their payloads follow in that order. The receiver
+``{"name", "dtype", "shape", "compressor", "nbytes"}``; their payloads follow in that order. The receiver
 reads the header, checks every description against its own limits and expectations (callers add
 their own checks between :func:`read_header` and :func:`read_tensors`), and only then reads payloads,
 never more than the declared sizes. Nothing is pickled.
@@ -17,19 +17,15 @@ from typing import Any
 import msgpack
 import torch
 
-from bloombee_core.compression import tensor_bytes_view, tensor_from_bytes
+from bloombee_core.compression import RAW, Compressor
+from bloombee_core.dtypes import WIRE_DTYPES, torch_dtype
 from bloombee_core.transport import FrameStream, FrameTooLarge, TransportError
 
 PROTOCOL = "/bloombee/swarm/1.0.0"
 MAX_HEADER = 64 * 1024
 CHUNK = 1 << 20  # payload frame size; libp2p streams have no cap, but big frames hurt interleaving
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-}
+DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name, WIRE_DTYPES) for name in WIRE_DTYPES}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_NDIM = 4
 
@@ -43,7 +39,7 @@ class TensorMeta:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    codec: str
+    compressor: str
     nbytes: int
 
     @property
@@ -51,27 +47,9 @@ class TensorMeta:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-class RawCodec:
-    """The codec every peer understands: the tensor's bytes as they are (the ``none`` compressor's format)."""
-
-    name = "none"
-
-    def encode(self, tensor: torch.Tensor) -> bytes:
-        return tensor_bytes_view(tensor).numpy().tobytes()
-
-    def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        try:
-            return tensor_from_bytes(payload, dtype, shape)
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
-
-
-RAW = RawCodec()
-
-
-def codec_table(compressors: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Codecs a peer can decode: the raw codec plus the given compressors (name -> instance)."""
-    table: dict[str, Any] = {RAW.name: RAW}
+def compressor_table(compressors: Mapping[str, Compressor] | None = None) -> dict[str, Compressor]:
+    """Compressors a peer can decode: ``none`` plus the given ones (name -> instance)."""
+    table: dict[str, Compressor] = {RAW.name: RAW}
     table.update(compressors or {})
     return table
 
@@ -80,7 +58,7 @@ async def send(
     stream: FrameStream,
     header: dict[str, Any],
     tensors: Mapping[str, torch.Tensor] | None = None,
-    codec: Any = RAW,
+    compressor: Compressor = RAW,
 ) -> None:
     """Write one message: the header, then each tensor's (possibly compressed) payload in chunks."""
     payloads = []
@@ -88,7 +66,7 @@ async def send(
     for name, tensor in (tensors or {}).items():
         if tensor.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, not one the wire carries")
-        use = codec if tensor.is_floating_point() else RAW
+        use = compressor if tensor.is_floating_point() else RAW
         payload = use.encode(tensor)
         payloads.append(payload)
         metas.append(
@@ -96,7 +74,7 @@ async def send(
                 "name": name,
                 "dtype": DTYPE_NAMES[tensor.dtype],
                 "shape": list(tensor.shape),
-                "codec": use.name,
+                "compressor": use.name,
                 "nbytes": len(payload),
             }
         )
@@ -141,9 +119,9 @@ def _tensor_metas(items: Any) -> list[TensorMeta]:
         if not isinstance(item, dict):
             raise ProtocolError(f"a tensor description must be a map, got {item!r:.80}")
         name, dtype, shape = item.get("name"), item.get("dtype"), item.get("shape")
-        codec, nbytes = item.get("codec"), item.get("nbytes")
-        if not isinstance(name, str) or not isinstance(codec, str):
-            raise ProtocolError(f"tensor description needs string 'name' and 'codec', got {item!r:.200}")
+        compressor, nbytes = item.get("compressor"), item.get("nbytes")
+        if not isinstance(name, str) or not isinstance(compressor, str):
+            raise ProtocolError(f"tensor description needs string 'name' and 'compressor', got {item!r:.200}")
         if dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if (
@@ -154,28 +132,28 @@ def _tensor_metas(items: Any) -> list[TensorMeta]:
             raise ProtocolError(f"tensor {name!r}: shape {shape!r:.100} is not a list of <= {MAX_NDIM} sizes")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             raise ProtocolError(f"tensor {name!r}: nbytes {nbytes!r} is not a non-negative integer")
-        metas.append(TensorMeta(name, DTYPES[dtype], tuple(shape), codec, nbytes))
+        metas.append(TensorMeta(name, DTYPES[dtype], tuple(shape), compressor, nbytes))
     return metas
 
 
 async def read_tensors(
-    stream: FrameStream, metas: list[TensorMeta], codecs: Mapping[str, Any], max_bytes: int
+    stream: FrameStream, metas: list[TensorMeta], compressors: Mapping[str, Compressor], max_bytes: int
 ) -> dict[str, torch.Tensor]:
     """Read and decode the payloads described by ``metas`` (already checked by the caller).
 
     ``max_bytes`` bounds every tensor, raw and encoded; sizes are checked before anything is read.
     """
     for meta in metas:
-        if meta.codec not in codecs:
+        if meta.compressor not in compressors:
             raise ProtocolError(
-                f"tensor {meta.name!r}: unknown codec {meta.codec!r}; this peer has {sorted(codecs)}"
+                f"tensor {meta.name!r}: unknown compressor {meta.compressor!r}; this peer has {sorted(compressors)}"
             )
         if meta.raw_nbytes > max_bytes or meta.nbytes > max_bytes:
             raise ProtocolError(
                 f"tensor {meta.name!r} of shape {list(meta.shape)} ({meta.raw_nbytes} bytes, {meta.nbytes} "
                 f"on the wire) exceeds the limit of {max_bytes} bytes"
             )
-        if meta.codec == RAW.name and meta.nbytes != meta.raw_nbytes:
+        if meta.compressor == RAW.name and meta.nbytes != meta.raw_nbytes:
             raise ProtocolError(
                 f"tensor {meta.name!r}: {meta.nbytes} raw bytes declared, {meta.dtype} {list(meta.shape)} "
                 f"needs {meta.raw_nbytes}"
@@ -197,12 +175,12 @@ async def read_tensors(
             left -= len(frame)
         payload = b"".join(parts)
         try:
-            out[meta.name] = codecs[meta.codec].decode(payload, meta.dtype, meta.shape)
+            out[meta.name] = compressors[meta.compressor].decode(payload, meta.dtype, meta.shape)
         except ProtocolError:
             raise
         except Exception as exc:
             raise ProtocolError(
-                f"tensor {meta.name!r}: codec {meta.codec!r} cannot decode it: {exc}"
+                f"tensor {meta.name!r}: compressor {meta.compressor!r} cannot decode it: {exc}"
             ) from None
     return out
 
