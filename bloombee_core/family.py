@@ -50,12 +50,15 @@ def load_config(path: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
-def span_problem(start: int, end: int, within: tuple[int, int], cuts: Iterable[int]) -> str | None:
-    """Why blocks ``start:end`` are not a valid span inside blocks ``within`` of a model that may be
-    cut only at ``cuts`` (``None`` when they are). The one rule servers, clients and loaders share."""
+def span_problem(
+    start: int, end: int, within: tuple[int, int], cuts: Iterable[int], owner: str = "the model"
+) -> str | None:
+    """Why blocks ``start:end`` are not a valid span inside blocks ``within`` (held by ``owner``) of a
+    model that may be cut only at ``cuts``; ``None`` when they are. The one rule servers, clients and
+    loaders share."""
     low, high = within
     if not low <= start < end <= high:
-        return f"blocks {start}:{end} are outside blocks {low}:{high} (need {low} <= start < end <= {high})"
+        return f"blocks {start}:{end} are out of range: {owner} holds blocks {low}:{high}"
     allowed = sorted(set(cuts))
     if start not in allowed or end not in allowed:
         return (

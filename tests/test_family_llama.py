@@ -119,7 +119,7 @@ def test_cache_limits_and_accounting(tiny_llama):
 
 def test_bad_span_is_a_clear_error(tiny_llama):
     config = load_config(tiny_llama)
-    with pytest.raises(ValueError, match="outside the model's 5 blocks"):
+    with pytest.raises(ValueError, match="out of range: the model holds blocks 0:5"):
         LlamaFamily().load_span(tiny_llama, config, 3, 9, torch.float32)
 
 

@@ -253,9 +253,9 @@ class SpanServer:
         start, end = header.get("start"), header.get("end")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
             raise RequestError(f"'start' and 'end' must be integers, got {start!r} and {end!r}")
-        problem = span_problem(start, end, (self.span.start, self.span.end), self.cuts)
+        problem = span_problem(start, end, (self.span.start, self.span.end), self.cuts, "this server")
         if problem:
-            raise RequestError(f"{problem} (this server hosts blocks {self.span.start}:{self.span.end})")
+            raise RequestError(problem)
         key = (start, end)
         if key not in self._views:
             self._views[key] = self.span.sub_span(start, end)

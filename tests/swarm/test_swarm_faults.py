@@ -273,5 +273,5 @@ def test_a_valid_raw_forward_still_works_after_bad_requests(tiny_models, family_
         finally:
             stream.close()
 
-    with pytest.raises(RemoteError, match="out of range: this server hosts blocks 0:1"):
+    with pytest.raises(RemoteError, match="out of range: this server holds blocks 0:1"):
         loop.run(bad())
