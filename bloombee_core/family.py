@@ -412,7 +412,9 @@ class BlockSpan(nn.Module):
 
     def sub_span(self, start: int, end: int) -> BlockSpan:
         """Blocks start:end of this span, sharing its modules (a server serving part of what it holds)."""
-        problem = span_problem(start, end, (self.start, self.end), self.family.allowed_cuts(self.config))
+        problem = span_problem(
+            start, end, (self.start, self.end), self.family.allowed_cuts(self.config), "this span"
+        )
         if problem:
             raise ValueError(problem)
         if (start, end) == (self.start, self.end):
