@@ -8,7 +8,6 @@ nothing is left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,8 +20,11 @@ import time
 from pathlib import Path
 
 from bench.floors import Link
+from bloombee_core.roles import parse_ready
 
-READY = re.compile(r"bloombee-server-ready \{.*\}")  # printed by `bloombee serve` once it serves
+READY = re.compile(
+    r"bloombee-ready server \{.*\}"
+)  # printed by `bloombee serve` once it serves (bloombee_core.roles)
 MADDR = re.compile(r"/ip4/[0-9.]+/tcp/\d+/p2p/[1-9A-HJ-NP-Za-km-z]{30,}")
 
 
@@ -199,6 +201,7 @@ class BenchSwarm:
                         "--dtype", self.dtype,
                         "--listen", f"/ip4/127.0.0.1/tcp/{sport}",
                         "--announce", f"/ip4/127.0.0.1/tcp/{pport}",
+                        "--threads", threads,
                     ],
                     env,
                 )  # fmt: skip
@@ -212,7 +215,8 @@ class BenchSwarm:
     def _check_behind_proxy(self, server: Child, proxy_port: int) -> None:
         """Wait for the server's ready line and make sure it announces only its proxy's address."""
         line = server.wait_for(READY, self.start_timeout)
-        addrs = json.loads(line.split(" ", 1)[1]).get("addrs", [])
+        parsed = parse_ready(line.strip())
+        addrs = parsed[1].get("addrs", []) if parsed else []
         if not addrs or any(f"/tcp/{proxy_port}/" not in a for a in addrs):
             raise ChildError(
                 f"{server.name} announces {addrs}, not only its proxy (port {proxy_port}): traffic would bypass "

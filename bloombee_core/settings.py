@@ -50,14 +50,14 @@ class PluginChoice(BaseModel):
         return dict(self.model_extra or {})
 
 
-def choice(name: str, **options: Any) -> Any:
-    """A default plugin choice for a field."""
-    return Field(default_factory=lambda: PluginChoice(name=name, **options))
+def choice(name: str, description: str | None = None) -> Any:
+    """A field choosing a plugin, ``name`` by default."""
+    return Field(default_factory=lambda: PluginChoice(name=name), description=description)
 
 
 class ModelSettings(_Section):
     path: str = Field(DEFAULT_MODEL, description="Hub id, local folder or .gguf file.")
-    dtype: DtypeName = "float32"
+    dtype: DtypeName = Field("float32", description="Weights and hidden states dtype.")
     family: str | None = Field(
         None, description="Model-family adapter; default: chosen by config.model_type."
     )
@@ -68,11 +68,23 @@ class NetworkSettings(_Section):
         default_factory=list, description="Multiaddrs of peers already in the swarm."
     )
     bootstrap: bool = Field(False, description="Start a DHT bootstrap node as part of this stack.")
-    listen: list[str] = Field(default_factory=list, description="Multiaddrs the bootstrap node listens on.")
-    identity: Path | None = Field(
-        None, description="Private-key file of the bootstrap node (stable peer id)."
+    listen: list[str] = Field(
+        default_factory=list,
+        description="Multiaddrs the bootstrap node listens on, e.g. /ip4/0.0.0.0/tcp/31337.",
     )
-    transport: PluginChoice = choice("hivemind")
+    identity: Path | None = Field(
+        None, description="Private-key file of the bootstrap node, created if missing (a stable peer id)."
+    )
+    transport: PluginChoice = choice("hivemind", description="How peers find each other and talk.")
+
+    @field_validator("initial_peers", mode="before")
+    @classmethod
+    def _split_peers(cls, value: Any) -> Any:
+        """Several multiaddrs may come as one comma- or space-separated string (a flag, an env var)."""
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list):
+            return value
+        return [part for v in values for part in str(v).replace(",", " ").split()]
 
 
 BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -89,12 +101,16 @@ def parse_blocks(text: str) -> tuple[int, int]:
 class ServerSettings(_Section):
     blocks: str | None = Field(None, description="Span to host, 'A:B' (blocks A..B-1).")
     num_blocks: int | None = Field(None, ge=1, description="Host this many of the least-served blocks.")
-    device: str = "cpu"
-    dtype: DtypeName | None = Field(None, description="Default: model.dtype.")
+    device: str = Field("cpu", description="Where the blocks compute: cpu, cuda, cuda:1 ...")
+    dtype: DtypeName | None = Field(
+        None, description="Weights and hidden states dtype; default: model.dtype."
+    )
     listen: list[str] = Field(default_factory=list, description="Multiaddrs to listen on.")
     announce: list[str] = Field(default_factory=list, description="Multiaddrs to announce (e.g. a proxy's).")
-    identity: Path | None = None
-    public_name: str | None = None
+    identity: Path | None = Field(
+        None, description="Private-key file, created if missing (a stable peer id)."
+    )
+    public_name: str | None = Field(None, description="A name shown by `bloombee status`.")
     cache_bytes: int | None = Field(None, ge=0, description="KV-cache memory budget in bytes.")
     threads: int | None = Field(
         None,
@@ -104,8 +120,10 @@ class ServerSettings(_Section):
     ttl: float = Field(
         30.0, gt=0, description="Seconds the server's DHT records live (refreshed every ttl/3)."
     )
-    offload: PluginChoice = choice("none")
-    compressor: PluginChoice = choice("none")
+    offload: PluginChoice = choice("none", description="Offload policy: where the span's weights live.")
+    compressor: PluginChoice = choice(
+        "none", description="Compressor for the hidden states this server sends."
+    )
 
     @field_validator("blocks")
     @classmethod
@@ -125,19 +143,28 @@ class ServerSettings(_Section):
 
 
 class ClientSettings(_Section):
-    compressor: PluginChoice = choice("none")
-    decoding: PluginChoice = choice("greedy")
+    compressor: PluginChoice = choice(
+        "none", description="Compressor for the hidden states the client sends."
+    )
+    decoding: PluginChoice = choice("greedy", description="Decoding strategy: greedy, sampling ...")
 
 
 class JobSettings(_Section):
-    kind: Literal["generate", "none"] = "none"
-    prompt: str = "Explain DHTs in one sentence."
-    max_new_tokens: int = Field(32, ge=1)
+    kind: Literal["generate", "none"] = Field("none", description="What the client does once servers serve.")
+    prompt: str = Field("Explain DHTs in one sentence.", description="The prompt of a generate job.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens to generate at most.")
     chat: bool = Field(True, description="Wrap the prompt in the tokenizer's chat template when it has one.")
 
 
 class PluginsSettings(_Section):
     strict: bool = Field(False, description="A plugin that fails to load is an error instead of a warning.")
+
+
+class BootstrapJob(_Section):
+    """What a bootstrap node reads: where to listen, which identity, which transport."""
+
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
 
 class ServerJob(_Section):
@@ -149,6 +176,16 @@ class ServerJob(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     network: NetworkSettings = Field(default_factory=NetworkSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    plugins: PluginsSettings = Field(default_factory=PluginsSettings)
+
+
+class ClientJob(_Section):
+    """What a client job reads: the model, the swarm, the client's plugins, the job itself."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
+    job: JobSettings = Field(default_factory=JobSettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
 

@@ -1,14 +1,15 @@
 """Running the roles a :class:`~bloombee_core.settings.Settings` declares: a bootstrap node, servers,
 and a client job.
 
-The bootstrap node and every server run as child processes (``python -m bloombee_core.cli ...``), each
-in its own process group, so closing the stack — normally, on an error or on Ctrl-C — stops them and
-everything they started (DHT processes, ``p2pd`` daemons). The client job runs in this process.
+The bootstrap node and every server run as child processes (``python -m bloombee_core.roles ROLE``, their
+validated settings as JSON on stdin), each in its own process group, so closing the stack — normally, on
+an error or on Ctrl-C — stops them and everything they started (DHT processes, ``p2pd`` daemons). The
+client job runs in this process. Processes on one machine share its cores: each server and the client
+get an equal share of torch threads unless ``server.threads`` says otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bloombee_core.errors import BloombeeError
-from bloombee_core.settings import Settings
+from bloombee_core.registry import PluginSet
+from bloombee_core.roles import parse_ready
+from bloombee_core.settings import BootstrapJob, ClientJob, ServerJob, Settings
 
 START_TIMEOUT = 180.0
 
@@ -29,19 +32,28 @@ class StackError(BloombeeError):
 
 
 class Child:
-    """A role running in a child process; ``ready`` is the JSON its ready line carried."""
+    """A process that prints a ready line once it serves; ``ready`` is the JSON that line carried.
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    ``argv`` follows ``python -m``: ``["bloombee_core.cli", "serve", ...]`` (a command line, as a user
+    types it) or ``["bloombee_core.roles", "server"]`` with the role's settings JSON as ``stdin``.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, stdin: str | None = None) -> None:
         self.name = name
         self.log = log_dir / f"{name}.log"
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bloombee_core.cli", *argv],
+            [sys.executable, "-m", *argv],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log_file,
             text=True,
             start_new_session=True,  # its own process group: we stop it and its p2pd together
         )
+        if stdin is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
         self.ready: dict[str, Any] | None = None
         self._event = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -49,8 +61,9 @@ class Child:
     def _watch(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if line.startswith("bloombee-") and "-ready " in line:
-                self.ready = json.loads(line.split(" ", 1)[1])
+            parsed = parse_ready(line)
+            if parsed is not None:
+                self.ready = parsed[1]
                 self._event.set()
         self._event.set()
 
@@ -91,39 +104,20 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def server_argv(settings: Settings, index: int, model: str, peers: list[str]) -> list[str]:
-    server = settings.server[index]
-    argv = ["serve", model, "--initial-peers", *peers, "--dtype", server.dtype or settings.model.dtype]
-    if server.blocks:
-        argv += ["--blocks", server.blocks]
-    elif server.num_blocks:
-        argv += ["--num-blocks", str(server.num_blocks)]
-    argv += ["--device", server.device]
-    if server.listen:
-        argv += ["--listen", *server.listen]
-    if server.announce:
-        argv += ["--announce", *server.announce]
-    if server.identity:
-        argv += ["--identity", str(server.identity)]
-    argv += ["--public-name", server.public_name or f"server-{index}"]
-    if server.cache_bytes is not None:
-        argv += ["--cache-bytes", str(server.cache_bytes)]
-    argv += ["--offload", _choice_arg(server.offload), "--compressor", _choice_arg(server.compressor)]
-    return argv
-
-
-def _choice_arg(choice: Any) -> str:
-    options = choice.options()
-    return json.dumps({"name": choice.name, **options}) if options else choice.name
+def thread_share(processes: int) -> int:
+    """Torch threads for each of ``processes`` compute-heavy processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(processes, 1))
 
 
 class Stack:
-    def __init__(self, settings: Settings, plugins: Any) -> None:
+    def __init__(self, settings: Settings, plugins: PluginSet) -> None:
         self.settings = settings
         self.plugins = plugins
         self.children: list[Child] = []
         self.peers: list[str] = list(settings.network.initial_peers)
         self._logs = tempfile.TemporaryDirectory(prefix="bloombee-stack-")
+        # compute-heavy processes on this machine: the servers and the client job
+        self.threads = thread_share(len(settings.server) + (settings.job.kind == "generate"))
         self.log_dir = Path(self._logs.name)
 
     def __enter__(self) -> Stack:
@@ -136,11 +130,10 @@ class Stack:
         """Start the bootstrap node and the servers; return once every one of them serves."""
         from bloombee_core.model_files import resolve_model
 
-        net = self.settings.network
+        settings = self.settings
+        net = settings.network
         if net.bootstrap:
-            argv = ["bootstrap"] + (["--listen", *net.listen] if net.listen else [])
-            argv += ["--identity", str(net.identity)] if net.identity else []
-            boot = self._spawn("bootstrap", argv)
+            boot = self._spawn("bootstrap", BootstrapJob(network=net, plugins=settings.plugins))
             self.peers = boot.wait_ready()["addrs"] + self.peers
             _say(f"bootstrap node: {' '.join(self.peers)}")
         if self.settings.server and not self.peers:
@@ -148,13 +141,25 @@ class Stack:
         if self.settings.server:
             model = str(resolve_model(self.settings.model.path))  # convert once, before servers race for it
             pending = []
-            for i, server in enumerate(self.settings.server):
+            network = net.model_copy(update={"initial_peers": self.peers})
+            model_settings = settings.model.model_copy(update={"path": str(model)})
+            for i, server in enumerate(settings.server):
                 picks_blocks = server.blocks is None
                 if picks_blocks:  # it picks the least-served blocks: earlier servers must have announced
                     for other in pending:
                         self._report(other)
                     pending = []
-                child = self._spawn(f"server-{i}", server_argv(self.settings, i, model, self.peers))
+                own = {
+                    "threads": server.threads or self.threads,
+                    "public_name": server.public_name or f"server-{i}",
+                }
+                job = ServerJob(
+                    model=model_settings,
+                    network=network,
+                    server=server.model_copy(update=own),
+                    plugins=settings.plugins,
+                )
+                child = self._spawn(f"server-{i}", job)
                 if picks_blocks:
                     self._report(child)
                 else:
@@ -162,8 +167,9 @@ class Stack:
             for child in pending:
                 self._report(child)
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv, self.log_dir)
+    def _spawn(self, name: str, job: BootstrapJob | ServerJob) -> Child:
+        role = "bootstrap" if isinstance(job, BootstrapJob) else "server"
+        child = Child(name, ["bloombee_core.roles", role], self.log_dir, stdin=job.model_dump_json())
         self.children.append(child)
         return child
 
@@ -175,24 +181,21 @@ class Stack:
         self.start()
         job = self.settings.job
         if job.kind == "generate":
-            from bloombee_core.client.generate import generate_text
+            from bloombee_core.roles import run_generate
 
             if not self.peers:
                 raise StackError(
                     "the generate job needs a swarm: set network.bootstrap or network.initial_peers"
                 )
-            client = self.settings.client
-            generate_text(
-                self.settings.model.path,
-                self.peers,
-                job.prompt,
-                max_new_tokens=job.max_new_tokens,
-                dtype=self.settings.model.dtype,
-                chat=job.chat,
-                decoding=self.plugins.create("decoding_strategies", client.decoding, "client.decoding"),
-                compressor=self.plugins.create("compressors", client.compressor, "client.compressor"),
-                plugins=self.plugins,
+            network = self.settings.network.model_copy(update={"initial_peers": self.peers})
+            client_job = ClientJob(
+                model=self.settings.model,
+                network=network,
+                client=self.settings.client,
+                job=job,
+                plugins=self.settings.plugins,
             )
+            run_generate(client_job, self.plugins, threads=self.threads)
             return 0
         if self.children:
             _say("serving; press Ctrl-C to stop")

@@ -19,6 +19,8 @@ def generate_text(
     decoding: Any = None,
     plugins: Any = None,
     compressor: Any = None,
+    transport: Any = None,
+    family: str | None = None,
     out: TextIO | None = None,
 ) -> str:
     from transformers import AutoTokenizer
@@ -30,7 +32,13 @@ def generate_text(
     folder = resolve_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        folder, initial_peers, dtype=dtype, plugins=plugins, compressor=compressor
+        folder,
+        initial_peers,
+        dtype=dtype,
+        plugins=plugins,
+        compressor=compressor,
+        transport=transport,
+        family=family,
     )
     try:
         if chat and getattr(tokenizer, "chat_template", None):

@@ -273,6 +273,7 @@ class AutoDistributedModelForCausalLM:
         plugins: Any = None,
         transport: Any = None,
         compressor: Any = None,
+        family: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 6,
         **_: Any,
@@ -291,7 +292,7 @@ class AutoDistributedModelForCausalLM:
         folder = resolve_model(str(path))
         config = load_config(folder)
         plugins = plugins if plugins is not None else load_plugins()
-        family = plugins.family_for(config)
+        family = plugins.family_for(config, family)
         client_part = family.load_client(folder, config, dtype)
         transport = transport if transport is not None else plugins.create("transports", "hivemind")
         loop = LoopThread("bloombee-client")

@@ -102,7 +102,7 @@ class Swarm:
         self.peers: list[str] = boot.wait_ready()["addrs"]
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
-        child = Child(f"{name}-{len(self.children)}", argv, self.log_dir)
+        child = Child(f"{name}-{len(self.children)}", ["bloombee_core.cli", *argv], self.log_dir)
         self.children.append(child)
         return child
 
