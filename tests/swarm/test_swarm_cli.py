@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,12 +93,10 @@ def test_generate_command_streams_the_reference_reply(swarm, smollm2, smollm2_se
     assert result.stdout.strip() == expected.strip()
 
 
-def test_bloombee_run_with_a_config_file(tmp_path, smollm2):
-    """A whole swarm from one file (bootstrap + 2 servers + a generation), then nothing is left running.
-
-    The model is a tiny random llama with SmolLM2's tokenizer, so the run is quick; its reply is
-    checked against transformers."""
-    folder = tmp_path / "tiny-with-tokenizer"
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer: a whole `bloombee run` with it is quick."""
+    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
     config = LlamaConfig(
         vocab_size=49152,
         hidden_size=64,
@@ -109,17 +108,48 @@ def test_bloombee_run_with_a_config_file(tmp_path, smollm2):
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    tokenizer.save_pretrained(folder)
-    toml = tmp_path / "swarm.toml"
-    toml.write_text(
-        f"""
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    return folder
+
+
+PROMPT = "The capital of France is"
+
+
+def run_swarm_toml(toml: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`bloombee run --config toml`; afterwards no process it started may be left."""
+    tag = uuid.uuid4().hex
+    try:
+        result = cli(
+            "run", "--config", str(toml), env={**os.environ, **(env or {}), "BLOOMBEE_TEST_TAG": tag}
+        )
+    finally:
+        leftovers = _tagged(tag)
+        for pid, _ in leftovers:
+            os.kill(int(pid), 9)
+    assert not leftovers, leftovers
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def reference_reply(folder: Path, max_new_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def swarm_toml(folder: Path, model_extra: str = "", network_extra: str = "") -> str:
+    return f"""
 [model]
 path = "{folder}"
 dtype = "float32"
+{model_extra}
 
 [network]
 bootstrap = true
+{network_extra}
 
 [[server]]
 blocks = "0:1"
@@ -129,29 +159,49 @@ num_blocks = 2
 
 [job]
 kind = "generate"
-prompt = "The capital of France is"
+prompt = "{PROMPT}"
 chat = false
 max_new_tokens = 6
 """
-    )
-    tag = uuid.uuid4().hex
-    try:
-        result = cli("run", "--config", str(toml), env={**os.environ, "BLOOMBEE_TEST_TAG": tag})
-    finally:
-        leftovers = _tagged(tag)
-        for pid, _ in leftovers:
-            os.kill(int(pid), 9)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bloombee_run_with_a_config_file(tmp_path, tiny_with_tokenizer):
+    """A whole swarm from one file (bootstrap + 2 servers + a generation), then nothing is left running;
+    the reply is checked against transformers."""
+    toml = tmp_path / "swarm.toml"
+    toml.write_text(swarm_toml(tiny_with_tokenizer))
+    result = run_swarm_toml(toml)
     assert "server-1: blocks 1:3" in result.stderr  # it chose the blocks nobody served
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        out = ref.generate(**ids, max_new_tokens=6, do_sample=False)
-    assert (
-        result.stdout.strip()
-        == tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert result.stdout.strip() == reference_reply(tiny_with_tokenizer, 6)
+
+
+@pytest.mark.usefixtures("third_party_plugins_installed")
+def test_transport_and_family_chosen_in_swarm_toml_are_the_ones_every_role_uses(
+    tmp_path, tiny_with_tokenizer
+):
+    """network.transport and model.family name third-party plugins (bloombee-plugin-example) that are
+    never picked by default; each notes its use with the process id. The bootstrap node, both servers
+    and the client must have used them, and the reply is still exact."""
+    log = tmp_path / "used.log"
+    toml = tmp_path / "swarm.toml"
+    toml.write_text(
+        swarm_toml(
+            tiny_with_tokenizer,
+            model_extra='family = "example-llama"',
+            network_extra='transport = "example-recording"',
+        )
     )
-    assert not leftovers, leftovers
+    result = run_swarm_toml(toml, env={"BLOOMBEE_EXAMPLE_LOG": str(log)})
+    assert result.stdout.strip() == reference_reply(tiny_with_tokenizer, 6)
+    uses: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines():
+        pid, what = line.split(" ", 1)
+        uses.setdefault(what, []).append(pid)
+    peers, spans = uses.get("transport peer", []), uses.get("family span", [])
+    assert len(peers) == 3 and len(set(peers)) == 3, uses  # bootstrap node and two servers
+    assert sorted(spans) == sorted(p for p in peers if p in spans) and len(set(spans)) == 2, uses
+    assert uses.get("transport client") == uses.get("family client"), uses  # the client job, one process
+    assert len(uses.get("transport client", [])) == 1 and uses["transport client"][0] not in peers, uses
 
 
 def _tagged(tag: str) -> list:

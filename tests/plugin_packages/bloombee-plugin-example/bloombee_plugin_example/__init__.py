@@ -1,4 +1,5 @@
-"""A third-party plugin as one would publish it: XOR-masks every byte (lossless, and easy to check)."""
+"""A third-party plugin as one would publish it: a compressor that XOR-masks every byte (lossless, and
+easy to check), and a transport and a model family chosen only by name (see :mod:`.chosen`)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,17 @@ class XorCompressor(Compressor):
 @hookimpl
 def bloombee_register_compressors() -> list[type[Compressor]]:
     return [XorCompressor]
+
+
+@hookimpl
+def bloombee_register_transports() -> list[type]:
+    from bloombee_plugin_example.chosen import RecordingTransport
+
+    return [RecordingTransport]
+
+
+@hookimpl
+def bloombee_register_model_families() -> list[type]:
+    from bloombee_plugin_example.chosen import RecordingLlama
+
+    return [RecordingLlama]
