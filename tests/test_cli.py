@@ -116,3 +116,41 @@ def test_config_schema_is_json_schema_of_the_settings(capsys: pytest.CaptureFixt
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == {"model", "network", "server", "client", "job", "plugins"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--blocks", "3:1"], "error: --blocks: blocks must look like 'A:B' with A < B"),
+        (["--blocks", "0:1", "--num-blocks", "2"], "error: --blocks, --num-blocks: give either blocks or"),
+        (["--num-blocks", "0"], "error: --num-blocks: Input should be greater than or equal to 1 (got 0)"),
+        (
+            ["--dtype", "float32", "--offload", "nope"],
+            "error: server.offload.name: unknown offload policy 'nope'",
+        ),
+    ],
+)
+def test_serve_flags_are_the_server_settings_and_mistakes_name_the_flag(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bloombee serve` flags are made from ServerSettings: the same validation, the flag named in the error."""
+    assert main(["serve", "some-model", "--initial-peers", "/ip4/127.0.0.1/tcp/1", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_flags_mirror_every_server_setting() -> None:
+    from bloombee_core.cli.flags import flag_name
+    from bloombee_core.settings import ServerSettings
+
+    usage = subprocess_free_help("serve")
+    assert all(flag_name(name) in usage for name in ServerSettings.model_fields)
+
+
+def subprocess_free_help(command: str) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([command, "--help"])
+    return out.getvalue()
