@@ -8,38 +8,44 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bloombee_core.about import version
 from bloombee_core.dtypes import torch_dtype
 from bloombee_core.registry import PluginSet
-from bloombee_core.server.runtime import Limits, SpanServer
+from bloombee_core.server.checks import Limits
+from bloombee_core.server.lifecycle import Server
 from bloombee_core.settings import ServerJob
 from bloombee_core.swarm.aio import LoopThread
 from bloombee_core.swarm.records import coverage, fetch_servers, least_served_span, model_key
 from bloombee_core.transport import Transport
+
+if TYPE_CHECKING:
+    from bloombee_core.family import BlockSpan
 
 logger = logging.getLogger(__name__)
 
 READY = "bloombee-server-ready"
 
 
-def resolve(model: str) -> Any:
+def resolve(model: str) -> Path:
     from bloombee_core.model_files import resolve_model
 
     return resolve_model(model)
 
 
-def default_cache_budget(span: Any, dtype: torch.dtype) -> int:
+def default_cache_budget(span: BlockSpan, dtype: torch.dtype) -> int:
     """Without a configured budget: room for 8 sequences of 2048 tokens (at least 64 MiB)."""
     return max(span.cache_bytes(8, 2048), 64 << 20)
 
 
 async def start_server(
     job: ServerJob, transport: Transport, plugins: PluginSet, limits: Limits | None = None
-) -> SpanServer:
+) -> Server:
     from bloombee_core.family import load_config, span_problem
 
     opts = job.server
@@ -80,12 +86,12 @@ async def start_server(
         span = offload.apply(span, torch.device(opts.device))
     compressors = plugins.instances_without_options("compressors")
     compressors[compressor.name] = compressor
-    server = SpanServer(
+    server = Server(
         transport,
         span,
         model=key,
         model_info={"name": str(job.model.path), "family": family.name, "num_blocks": num_blocks},
-        family=family.name,
+        family_name=family.name,
         cuts=cuts,
         dtype=dtype,
         device=opts.device,
@@ -110,7 +116,7 @@ def serve_forever(
     transport = plugins.create("transports", job.network.transport, "network.transport")
     loop = LoopThread("bloombee-server")
     stop = asyncio.Event()
-    server: SpanServer | None = None
+    server: Server | None = None
 
     async def main() -> None:
         nonlocal server
@@ -125,7 +131,7 @@ def serve_forever(
         (announce_ready or _print_ready)(info)
         await stop.wait()
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         loop.loop.call_soon_threadsafe(stop.set)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
