@@ -175,7 +175,10 @@ class Stack:
 
     def _report(self, child: Child) -> None:
         info = child.wait_ready()
-        _say(f"{child.name}: blocks {info['start']}:{info['end']} as {info['peer']}")
+        threads = info.get("threads", "?")
+        _say(
+            f"{child.name}: blocks {info['start']}:{info['end']} as {info['peer']} ({threads} torch threads)"
+        )
 
     def run(self) -> int:
         self.start()

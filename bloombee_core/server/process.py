@@ -3,43 +3,46 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bloombee_core.about import version
 from bloombee_core.dtypes import torch_dtype
+from bloombee_core.errors import ConfigError
 from bloombee_core.registry import PluginSet
-from bloombee_core.server.runtime import Limits, SpanServer
+from bloombee_core.server.checks import Limits
+from bloombee_core.server.lifecycle import Server
 from bloombee_core.settings import ServerJob
 from bloombee_core.swarm.aio import LoopThread
 from bloombee_core.swarm.records import coverage, fetch_servers, least_served_span, model_key
 from bloombee_core.transport import Transport
 
+if TYPE_CHECKING:
+    from bloombee_core.family import BlockSpan
+
 logger = logging.getLogger(__name__)
 
-READY = "bloombee-server-ready"
 
-
-def resolve(model: str) -> Any:
+def resolve(model: str) -> Path:
     from bloombee_core.model_files import resolve_model
 
     return resolve_model(model)
 
 
-def default_cache_budget(span: Any, dtype: torch.dtype) -> int:
+def default_cache_budget(span: BlockSpan, dtype: torch.dtype) -> int:
     """Without a configured budget: room for 8 sequences of 2048 tokens (at least 64 MiB)."""
     return max(span.cache_bytes(8, 2048), 64 << 20)
 
 
 async def start_server(
     job: ServerJob, transport: Transport, plugins: PluginSet, limits: Limits | None = None
-) -> SpanServer:
+) -> Server:
     from bloombee_core.family import load_config, span_problem
 
     opts = job.server
@@ -60,7 +63,7 @@ async def start_server(
         start, end = opts.span()
         problem = span_problem(start, end, (0, num_blocks), cuts)
         if problem:
-            raise ValueError(f"--blocks {start}:{end}: {problem}")
+            raise ConfigError("server.blocks", problem)
     else:
         servers = await fetch_servers(transport, key, num_blocks)
         start, end = least_served_span(
@@ -80,12 +83,12 @@ async def start_server(
         span = offload.apply(span, torch.device(opts.device))
     compressors = plugins.instances_without_options("compressors")
     compressors[compressor.name] = compressor
-    server = SpanServer(
+    server = Server(
         transport,
         span,
         model=key,
         model_info={"name": str(job.model.path), "family": family.name, "num_blocks": num_blocks},
-        family=family.name,
+        family_name=family.name,
         cuts=cuts,
         dtype=dtype,
         device=opts.device,
@@ -102,15 +105,16 @@ async def start_server(
 
 
 def serve_forever(
-    job: ServerJob, plugins: PluginSet, announce_ready: Callable[[dict[str, Any]], None] | None = None
+    job: ServerJob, plugins: PluginSet, announce_ready: Callable[[dict[str, Any]], None]
 ) -> int:
-    """Run a server until SIGTERM / SIGINT; prints one ready line (JSON) to stdout once it serves."""
+    """Run a server until SIGTERM / SIGINT; ``announce_ready`` gets its peer id, addresses, blocks, model
+    key, family, transport and torch threads once it serves (see :mod:`bloombee_core.roles`)."""
     if job.server.threads:
         torch.set_num_threads(job.server.threads)
     transport = plugins.create("transports", job.network.transport, "network.transport")
     loop = LoopThread("bloombee-server")
     stop = asyncio.Event()
-    server: SpanServer | None = None
+    server: Server | None = None
 
     async def main() -> None:
         nonlocal server
@@ -121,11 +125,14 @@ def serve_forever(
             "end": server.span.end,
             "addrs": await transport.addresses(),
             "model": server.model,
+            "family": server.family_name,
+            "transport": transport.name,
+            "threads": torch.get_num_threads(),
         }
-        (announce_ready or _print_ready)(info)
+        announce_ready(info)
         await stop.wait()
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         loop.loop.call_soon_threadsafe(stop.set)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -148,27 +155,3 @@ def serve_forever(
             logger.debug("transport shutdown failed", exc_info=True)
         loop.stop()
     return 0
-
-
-def _print_ready(info: dict[str, Any]) -> None:
-    print(f"{READY} {json.dumps(info)}", flush=True)
-    print(
-        f"serving blocks {info['start']}:{info['end']} as {info['peer']}\n"
-        f"  reachable at: {' '.join(info['addrs'])}",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def parse_ready(line: str) -> dict[str, Any] | None:
-    if line.startswith(READY + " "):
-        return json.loads(line[len(READY) + 1 :])
-    return None
-
-
-def peers_arg(values: Sequence[str] | None) -> list[str]:
-    """``--initial-peers`` accepts several values and comma-separated lists."""
-    out: list[str] = []
-    for value in values or []:
-        out.extend(v for v in value.replace(",", " ").split() if v)
-    return out

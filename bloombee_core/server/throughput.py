@@ -1,0 +1,28 @@
+"""The throughput a server announces: measured once at start by decoding through its span."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from bloombee_core.family import BlockSpan
+
+
+def measure_throughput(span: BlockSpan, dtype: torch.dtype, device: torch.device, steps: int = 4) -> float:
+    """Tokens per second through ``span`` in batch-1 decoding (one warm-up step, then ``steps`` timed)."""
+    hidden = torch.zeros(1, 1, int(span.config.hidden_size), dtype=dtype, device=device)
+    n = span.end - span.start
+    side_sizes = span.family.side_inputs(span.config)
+    side = {k: hidden.new_zeros(1, 1, n, size) for k, size in side_sizes.items()}
+    cache = span.new_cache(1, steps + 1)
+    with torch.inference_mode():
+        pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+        span(hidden, position_ids=pos, cache=cache, side_inputs=side)
+        begin = time.perf_counter()
+        for i in range(steps):
+            pos = torch.full((1, 1), i + 1, dtype=torch.long, device=device)
+            span(hidden, position_ids=pos, cache=cache, side_inputs=side)
+    return steps / max(time.perf_counter() - begin, 1e-6)
