@@ -25,6 +25,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from bloombee_core.client.forward_backward import backward, forward
 from bloombee_core.compression import RAW
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,7 +66,7 @@ class InferenceSessionHandle:
     """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
-        from bloombee_core.client.remote import InferenceSession
+        from bloombee_core.client.sessions import InferenceSession
 
         self.model = model
         self.inner = InferenceSession(model.swarm, max_length)
@@ -106,7 +107,7 @@ class _RemoteBlocks(torch.autograd.Function):
         ctx: Any, model: Any, position_ids: Any, mask: Any, names: tuple, hidden: torch.Tensor, *side: Any
     ) -> torch.Tensor:
         given = {n: t.detach() for n, t in zip(names, side, strict=True)}
-        out, pieces = model.loop.run(model.swarm.forward(hidden.detach(), position_ids, mask, given))
+        out, pieces = model.loop.run(forward(model.swarm, hidden.detach(), position_ids, mask, given))
         ctx.model, ctx.pieces, ctx.position_ids, ctx.mask, ctx.side = model, pieces, position_ids, mask, given
         ctx.names = names
         return out.to(hidden.dtype)
@@ -115,7 +116,7 @@ class _RemoteBlocks(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         model = ctx.model
         grad_in, side_grads = model.loop.run(
-            model.swarm.backward(ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.side)
+            backward(model.swarm, ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.side)
         )
         side_out = tuple(side_grads[n].to(ctx.side[n].dtype) for n in ctx.names)
         return (None, None, None, None, grad_in.to(grad.dtype), *side_out)
@@ -328,7 +329,7 @@ def _swarm_client(
     timeout: float,
     max_retries: int,
 ) -> Any:
-    from bloombee_core.client.remote import SwarmClient
+    from bloombee_core.client.routing import SwarmClient
     from bloombee_core.swarm.records import model_key
 
     return SwarmClient(
