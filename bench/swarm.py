@@ -34,8 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
-    """(pid, /proc stat fields after the command name) of every process in group ``pgid`` (Linux)."""
+PGRP, SESSION = 2, 3  # indices of the process group and the session id in ``_stats``' fields
+
+
+def _stats(field: int, value: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc stat fields after the command name) of every process whose ``field`` (``PGRP`` or
+    ``SESSION``) is ``value`` (Linux)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,21 +49,26 @@ def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp, ..., utime (12), stime (13)
-        if int(fields[2]) == pgid:
+        if int(fields[field]) == value:
             found.append((int(entry.name), fields))
     return found
 
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids of processes in group ``pgid`` that are not zombies (Linux /proc; empty elsewhere)."""
-    return [pid for pid, fields in _group_stats(pgid) if fields[0] != "Z"]
+    return [pid for pid, fields in _stats(PGRP, pgid) if fields[0] != "Z"]
+
+
+def live_session_members(sid: int) -> list[int]:
+    """Pids of processes in session ``sid`` that are not zombies (Linux /proc; empty elsewhere)."""
+    return [pid for pid, fields in _stats(SESSION, sid) if fields[0] != "Z"]
 
 
 def group_cpu_seconds(pgid: int) -> dict[str, float]:
     """User + system CPU seconds used so far by the live processes of group ``pgid``, by program (p2pd, python)."""
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for pid, fields in _group_stats(pgid):
+    for pid, fields in _stats(PGRP, pgid):
         try:
             program = "p2pd" if "p2pd" in os.readlink(f"/proc/{pid}/exe") else "python"
         except OSError:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from bloombee_core.compression import Compressor
+    from bloombee_core.decoding import DecodingStrategy
+    from bloombee_core.registry import PluginSet
+    from bloombee_core.transport import Transport
 
 
 def generate_text(
@@ -16,13 +24,16 @@ def generate_text(
     max_new_tokens: int = 32,
     dtype: str = "float32",
     chat: bool = True,
-    decoding: Any = None,
-    plugins: Any = None,
-    compressor: Any = None,
-    transport: Any = None,
+    decoding: DecodingStrategy | None = None,
+    plugins: PluginSet | None = None,
+    compressor: Compressor | None = None,
+    transport: Transport | None = None,
     family: str | None = None,
     out: TextIO | None = None,
 ) -> str:
+    """Generate from ``prompt`` (as a chat turn, if the tokenizer has a chat template), print the tokens
+    to ``out`` as they arrive, and return the new text. ``transport`` (not started yet) is how the client
+    joins the swarm; by default the ``hivemind`` one."""
     from transformers import AutoTokenizer
 
     from bloombee_core.client import AutoDistributedModelForCausalLM
@@ -68,7 +79,7 @@ def generate_text(
 class _Streamer:
     """Prints tokens as they arrive (the prompt is skipped)."""
 
-    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO) -> None:
         from transformers import TextStreamer
 
         self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -11,13 +11,11 @@ chain of servers, and computes logits locally, so transformers' own ``generate``
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +23,19 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bloombee_core.compression import RAW
+from bloombee_core.client import forward_backward
+from bloombee_core.client.membership import SwarmMembership
+from bloombee_core.client.routing import SwarmClient
+from bloombee_core.client.sessions import InferenceSession
+from bloombee_core.compression import RAW, Compressor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
+
+    from bloombee_core.family import ClientPart, ModelFamily
+    from bloombee_core.registry import PluginSet
+    from bloombee_core.swarm.routing import Hop
+    from bloombee_core.transport import Transport
 
 
 class RemoteCache(Cache):
@@ -35,7 +43,7 @@ class RemoteCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, session: Any) -> None:  # no super().__init__: there are no local layers
+    def __init__(self, session: InferenceSessionHandle) -> None:  # no super(): there are no local layers
         self.session = session
         self.layers = []
 
@@ -65,8 +73,6 @@ class InferenceSessionHandle:
     """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
-        from bloombee_core.client.remote import InferenceSession
-
         self.model = model
         self.inner = InferenceSession(model.swarm, max_length)
 
@@ -75,7 +81,7 @@ class InferenceSessionHandle:
         return self.inner.position
 
     @property
-    def route(self) -> list[Any]:
+    def route(self) -> list[Hop]:
         return self.inner.route
 
     def stats(self) -> list[dict[str, Any]]:
@@ -103,19 +109,29 @@ class _RemoteBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, model: Any, position_ids: Any, mask: Any, names: tuple, hidden: torch.Tensor, *side: Any
+        ctx: FunctionCtx,
+        model: DistributedModelForCausalLM,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        names: tuple[str, ...],
+        hidden: torch.Tensor,
+        *side: torch.Tensor,
     ) -> torch.Tensor:
         given = {n: t.detach() for n, t in zip(names, side, strict=True)}
-        out, pieces = model.loop.run(model.swarm.forward(hidden.detach(), position_ids, mask, given))
+        out, pieces = model.loop.run(
+            forward_backward.forward(model.swarm, hidden.detach(), position_ids, mask, given)
+        )
         ctx.model, ctx.pieces, ctx.position_ids, ctx.mask, ctx.side = model, pieces, position_ids, mask, given
         ctx.names = names
         return out.to(hidden.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         model = ctx.model
         grad_in, side_grads = model.loop.run(
-            model.swarm.backward(ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.side)
+            forward_backward.backward(
+                model.swarm, ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.side
+            )
         )
         side_out = tuple(side_grads[n].to(ctx.side[n].dtype) for n in ctx.names)
         return (None, None, None, None, grad_in.to(grad.dtype), *side_out)
@@ -134,12 +150,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     # ... nor experts (transformers would otherwise look for a decorator in this module's source)
     _can_set_experts_implementation_cached_value = True
 
-    def __init__(self, config: PretrainedConfig, client: Any, swarm: Any, loop: Any, owner: Any) -> None:
+    def __init__(
+        self, config: PretrainedConfig, client: ClientPart, swarm: SwarmClient, membership: SwarmMembership
+    ) -> None:
         super().__init__(config)
         self.client = client
         self.swarm = swarm
-        self.loop = loop
-        self._owner = owner
+        self.loop = membership.loop
+        self._membership = membership
         self._session: InferenceSessionHandle | None = None
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -242,23 +260,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def close(self) -> None:
         """Leave the swarm (stops this client's DHT node and its p2pd)."""
-        self._owner.close()
-
-
-class _SwarmMembership:
-    """Owns a client's transport and event loop; closing twice is harmless."""
-
-    def __init__(self, transport: Any, loop: Any) -> None:
-        self.transport, self.loop, self.closed = transport, loop, False
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.loop.run(self.transport.shutdown(), timeout=20)
-        finally:
-            self.loop.stop()
+        self._membership.close()
 
 
 class AutoDistributedModelForCausalLM:
@@ -270,21 +272,21 @@ class AutoDistributedModelForCausalLM:
         initial_peers: Sequence[str] = (),
         *,
         dtype: torch.dtype | str = torch.float32,
-        plugins: Any = None,
-        transport: Any = None,
-        compressor: Any = None,
+        plugins: PluginSet | None = None,
+        transport: Transport | None = None,
+        compressor: Compressor | None = None,
         family: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 6,
         **_: Any,
     ) -> DistributedModelForCausalLM:
+        from bloombee_core.dtypes import torch_dtype
         from bloombee_core.family import load_config
         from bloombee_core.model_files import resolve_model
         from bloombee_core.registry import load_plugins
-        from bloombee_core.swarm.aio import LoopThread
 
         if isinstance(dtype, str):
-            dtype = DTYPES[dtype]
+            dtype = torch_dtype(dtype)
         if not initial_peers:
             raise ValueError(
                 "initial_peers is empty: pass the multiaddr printed by `bloombee bootstrap` or a server"
@@ -292,44 +294,35 @@ class AutoDistributedModelForCausalLM:
         folder = resolve_model(str(path))
         config = load_config(folder)
         plugins = plugins if plugins is not None else load_plugins()
-        family = plugins.family_for(config, family)
-        client_part = family.load_client(folder, config, dtype)
+        adapter = plugins.family_for(config, family)
+        client_part = adapter.load_client(folder, config, dtype)
         transport = transport if transport is not None else plugins.create("transports", "hivemind")
-        loop = LoopThread("bloombee-client")
-        try:
-            loop.run(transport.start(initial_peers=list(initial_peers), client_mode=True))
-        except BaseException:
-            loop.stop()
-            raise
-        owner = _SwarmMembership(transport, loop)
+        membership = SwarmMembership.join(transport, initial_peers)
         try:
             swarm = _swarm_client(
-                config, folder, family, transport, plugins, compressor, timeout, max_retries
+                config, folder, adapter, transport, plugins, compressor, timeout, max_retries
             )
-            model = DistributedModelForCausalLM(copy.deepcopy(config), client_part, swarm, loop, owner)
+            model = DistributedModelForCausalLM(copy.deepcopy(config), client_part, swarm, membership)
         except BaseException:
-            owner.close()  # leave the swarm again: no DHT process or p2pd may outlive a failed load
+            membership.close()  # leave the swarm again: no DHT process or p2pd may outlive a failed load
             raise
         try:
             model.generation_config = GenerationConfig.from_pretrained(folder)
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(model.config)
-        weakref.finalize(owner, _close_quietly, transport, loop)
-        atexit.register(owner.close)
         return model.eval()
 
 
 def _swarm_client(
     config: PretrainedConfig,
     folder: Path,
-    family: Any,
-    transport: Any,
-    plugins: Any,
-    compressor: Any,
+    family: ModelFamily,
+    transport: Transport,
+    plugins: PluginSet,
+    compressor: Compressor | None,
     timeout: float,
     max_retries: int,
-) -> Any:
-    from bloombee_core.client.remote import SwarmClient
+) -> SwarmClient:
     from bloombee_core.swarm.records import model_key
 
     return SwarmClient(
@@ -342,12 +335,3 @@ def _swarm_client(
         timeout=timeout,
         max_retries=max_retries,
     )
-
-
-def _close_quietly(transport: Any, loop: Any) -> None:
-    try:
-        if loop.loop.is_running():
-            loop.run(transport.shutdown(), timeout=10)
-            loop.stop()
-    except Exception:  # noqa: BLE001 - interpreter shutdown
-        pass

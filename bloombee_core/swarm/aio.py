@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -31,3 +31,34 @@ class LoopThread:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+
+
+async def in_thread(fn: Callable[[], T], name: str = "bloombee-blocking") -> T:
+    """``fn()`` on a thread of its own, awaited without blocking the event loop.
+
+    Unlike ``loop.run_in_executor(None, ...)`` this works at interpreter exit too: ``concurrent.futures``
+    shuts its executors down before ``atexit`` callbacks run, and a client left open is closed by one.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody awaits the result any more
+            pass
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await done

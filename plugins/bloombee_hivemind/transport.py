@@ -12,10 +12,15 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bloombee_core.plugin import PluginOptions
+from bloombee_core.swarm.aio import in_thread
 from bloombee_core.transport import FrameStream, Record, StreamHandler, Transport, TransportError
+
+if TYPE_CHECKING:
+    from hivemind import DHT
+    from hivemind.p2p import P2P
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +37,8 @@ class HivemindTransport(Transport):
 
     def __init__(self, options: HivemindOptions | None = None) -> None:
         super().__init__(options)
-        self.dht: Any = None
-        self.p2p: Any = None
+        self.dht: DHT | None = None
+        self.p2p: P2P | None = None
         self._peer_id: str | None = None
 
     async def start(
@@ -56,10 +61,9 @@ class HivemindTransport(Transport):
         if identity:
             kwargs["identity_path"] = str(identity)
         # The DHT constructor forks and blocks until its node is up: keep it off the event loop.
-        loop = asyncio.get_running_loop()
         try:
-            self.dht = await loop.run_in_executor(
-                None, lambda: DHT(initial_peers=list(initial_peers) or None, start=True, **kwargs)
+            self.dht = await in_thread(
+                lambda: DHT(initial_peers=list(initial_peers) or None, start=True, **kwargs)
             )
         except Exception as exc:
             raise TransportError(
@@ -148,4 +152,4 @@ class HivemindTransport(Transport):
             self.p2p = None
         if self.dht is not None and self.dht.is_alive() and self.dht._parent_pid == os.getpid():
             dht, self.dht = self.dht, None
-            await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+            await in_thread(dht.shutdown)  # blocks until the DHT process (and its p2pd) are gone

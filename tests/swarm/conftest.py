@@ -6,10 +6,12 @@ inherits ``BLOOMBEE_TEST_TAG``; at the end of the session none of them may be le
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,13 @@ def tagged_processes() -> list[tuple[int, str]]:
         except OSError:
             continue
     return found
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    """SIGKILL every one of ``pids`` that is still there."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class Swarm:
@@ -218,9 +227,5 @@ def no_leftover_processes(request):
         if not leftovers:
             break
         time.sleep(0.5)
-    for pid, _ in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(pid for pid, _ in leftovers)
     assert not leftovers, f"processes left behind: {leftovers}"

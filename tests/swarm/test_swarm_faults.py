@@ -10,7 +10,7 @@ import torch
 from bloombee_hivemind import HivemindTransport
 from transformers import AutoModelForCausalLM
 
-from bloombee_core.client.remote import RemoteError, request
+from bloombee_core.client.rpc import RemoteError, request
 from bloombee_core.compression import RAW
 from bloombee_core.swarm import wire
 from bloombee_core.swarm.aio import LoopThread

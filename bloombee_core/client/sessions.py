@@ -1,0 +1,256 @@
+"""Inference sessions: server-side KV caches kept across steps, surviving server failures.
+
+:class:`InferenceSession` keeps one server-side session (:class:`HopSession`) per hop of a chain. It
+records every input it sent to each hop; when a hop fails it bans the server, routes a replacement chain
+for exactly those blocks, replays the recorded inputs step by step (same shapes, so the rebuilt KV cache
+is the same), and carries on: the output does not change. A server may push its output straight to the
+next server's session; the client then sends that server nothing unless the push is late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bloombee_core.client.retry import retryable
+from bloombee_core.client.rpc import Tensors, for_blocks, read_reply, step_inputs
+from bloombee_core.swarm import wire
+from bloombee_core.swarm.routing import Hop
+from bloombee_core.swarm.wire import ProtocolError
+from bloombee_core.transport import FrameStream
+
+if TYPE_CHECKING:
+    from bloombee_core.client.routing import SwarmClient
+
+logger = logging.getLogger(__name__)
+PushRef = dict[str, str]  # where a server pushes its output: the next server's peer and session id
+
+
+class HopSession:
+    """One server-side session: blocks ``hop.start:hop.end`` on ``hop.peer``."""
+
+    def __init__(self, hop: Hop) -> None:
+        self.hop = hop
+        self.id = secrets.token_hex(12)
+        self.stream: FrameStream | None = None
+        self.history: list[Tensors] = []  # every input of every step, for replay on another server
+        self.steps = 0
+        self.sent = 0  # step messages this client sent the server (the others came by push)
+        self.sources = {"client": 0, "push": 0}  # where the server took each step's input from
+        self.server_counts: dict[str, int] = {}  # the server's own count of inputs received, by origin
+        self.wait = 0.0  # how long the last step's reply took after the previous hop's
+        self.opening = False  # the open's reply is still to be read (before the first step's)
+
+    def push_ref(self) -> PushRef:
+        return {"peer": self.hop.peer, "session_id": self.id}
+
+    async def open(self, client: SwarmClient, batch: int, max_length: int, push: PushRef | None) -> None:
+        self.stream = await client.transport.connect(self.hop.peer, wire.PROTOCOL)
+        header = {
+            "type": "open",
+            "session_id": self.id,
+            "start": self.hop.start,
+            "end": self.hop.end,
+            "batch_size": batch,
+            "max_length": max_length,
+            "push": push,
+        }
+        # No round trip of its own: the first step follows at once, and the open's reply (an error if
+        # the server refuses, e.g. busy) is read just before that step's reply.
+        await wire.send(self.stream, header)
+        self.opening = True
+
+    async def _next_reply(self, client: SwarmClient) -> tuple[dict[str, Any], Tensors]:
+        assert self.stream is not None
+        if self.opening:
+            await read_reply(self.stream, client.decoders)
+            self.opening = False
+        return await read_reply(self.stream, client.decoders)
+
+    async def send(self, client: SwarmClient, tensors: Tensors) -> None:
+        """Deliver the current step's input ourselves (no push, or a push that is late)."""
+        assert self.stream is not None
+        await wire.send(self.stream, {"type": "step", "step": self.steps}, tensors, client.compressor)
+        self.sent += 1
+
+    async def receive(
+        self, client: SwarmClient, tensors: Tensors, pushed: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The current step's output. When the input was ``pushed`` by the previous server, the client
+        sends nothing unless the output is late (a push lost on the way): then it sends its own copy,
+        which the server ignores if the push did arrive."""
+        assert self.stream is not None
+        begin = time.perf_counter()
+        reply = asyncio.ensure_future(self._next_reply(client))
+        try:
+            if pushed:
+                grace = max(client.push_grace, 4 * self.wait)
+                done, _ = await asyncio.wait({reply}, timeout=grace)
+                if not done:
+                    logger.info("step %d of %s is late; sending it without the push", self.steps, self.hop)
+                    await self.send(client, tensors)
+            head, out = await asyncio.wait_for(reply, client.timeout)
+        except BaseException:
+            reply.cancel()
+            raise
+        if head.get("step") != self.steps or "hidden" not in out:
+            raise ProtocolError(
+                f"server {self.hop.peer} answered step {head.get('step')!r}, expected {self.steps}"
+            )
+        self.wait = time.perf_counter() - begin
+        self.steps += 1
+        self.history.append(tensors)
+        source = head.get("source")
+        if source in self.sources:
+            self.sources[source] += 1
+        self.server_counts = {k: int(head[k]) for k in ("from_client", "from_push") if k in head}
+        return out["hidden"], head
+
+    async def step(self, client: SwarmClient, tensors: Tensors) -> torch.Tensor:
+        await self.send(client, tensors)
+        return (await self.receive(client, tensors, pushed=False))[0]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "peer": self.hop.peer,
+            "blocks": (self.hop.start, self.hop.end),
+            "steps": self.steps,
+            "sent_by_client": self.sent,
+            "computed_from": dict(self.sources),
+            "server_received": dict(self.server_counts),
+        }
+
+    async def set_push(self, push: PushRef | None) -> None:
+        if self.stream is not None:
+            await wire.send(self.stream, {"type": "route", "push": push})
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+class InferenceSession:
+    """A chain of server sessions that keep KV caches across steps (see the module docstring)."""
+
+    def __init__(self, client: SwarmClient, max_length: int) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.batch: int | None = None
+        self.hops: list[HopSession] = []
+        self.position = 0  # tokens processed so far
+        self.closed = False
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self.hops]
+
+    async def _open_chain(self, start: int, end: int, after: HopSession | None) -> list[HopSession]:
+        hops = [HopSession(h) for h in await self.client.route(start, end)]
+        pushes = [h.push_ref() for h in hops[1:]] + [after.push_ref() if after else None]
+        opened = await asyncio.gather(
+            *(h.open(self.client, self.batch, self.max_length, p) for h, p in zip(hops, pushes, strict=True)),
+            return_exceptions=True,
+        )
+        failures = [(h, r) for h, r in zip(hops, opened, strict=True) if isinstance(r, BaseException)]
+        if failures:
+            for h in hops:
+                h.close()
+            for h, exc in failures:
+                if retryable(exc):
+                    self.client.fail(h.hop.peer, exc)
+            raise failures[0][1]
+        return hops
+
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        side: Tensors | None = None,
+    ) -> torch.Tensor:
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        batch, length = hidden.shape[:2]
+        if self.batch is None:
+            self.batch = batch
+        elif batch != self.batch:
+            raise ValueError(f"this inference session runs batch size {self.batch}, got {batch}")
+        if self.position + length > self.max_length:
+            raise ValueError(
+                f"the session was opened for max_length={self.max_length} tokens; {self.position} are used and "
+                f"{length} more were given. Open inference_session(max_length=...) with a larger limit"
+            )
+        if not self.hops:
+            self.hops = await self._opened(0, self.client.num_blocks, None)
+        base = step_inputs(position_ids, mask, side)
+        index, retries, pushed = 0, self.client.retries(), False
+        while index < len(self.hops):
+            hop = self.hops[index]
+            tensors = for_blocks(base, hidden, hop.hop.start)
+            try:
+                if not pushed:
+                    await hop.send(self.client, tensors)
+                out, head = await hop.receive(self.client, tensors, pushed)
+            except Exception as exc:
+                await retries.failed(exc, hop.hop.peer)
+                await self._replace(index)
+                pushed = False  # the new server has not seen this step: the client delivers it
+                continue
+            # the server wrote its output to the next server's session: the client sends nothing there
+            pushed = bool(head.get("pushed")) and index + 1 < len(self.hops)
+            hidden = out
+            index += 1
+        self.position += length
+        return hidden
+
+    async def _replace(self, index: int) -> None:
+        """Swap hop ``index`` for a fresh chain over its blocks and rebuild its cache by replay."""
+        old = self.hops[index]
+        old.close()
+        after = self.hops[index + 1] if index + 1 < len(self.hops) else None
+        start, end = old.hop.start, old.hop.end
+        retries = self.client.retries()
+        while True:
+            new = await self._opened(start, end, after)
+            try:
+                for inputs in old.history:  # side inputs in it start at the old hop's first block
+                    hidden = inputs["hidden"]
+                    for hop in new:
+                        failing = hop
+                        current = for_blocks(inputs, hidden, hop.hop.start - start)
+                        hidden = await hop.step(self.client, current)
+            except Exception as exc:
+                for hop in new:
+                    hop.close()
+                await retries.failed(exc, failing.hop.peer)
+                continue
+            self.hops[index : index + 1] = new
+            if index > 0:
+                try:
+                    await self.hops[index - 1].set_push(new[0].push_ref())
+                except Exception:  # noqa: BLE001 - push is an optimisation; the next step notices failures
+                    pass
+            logger.info("re-routed blocks %d:%d through %s", start, end, [h.hop for h in new])
+            return
+
+    async def _opened(self, start: int, end: int, after: HopSession | None) -> list[HopSession]:
+        """A chain over blocks ``start:end`` with every session open (its failing servers are banned)."""
+        return await self.client.retries().run(
+            lambda: self._open_chain(start, end, after), "opening a session"
+        )
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per hop of the live chain: steps, where the server took their inputs from, what the client sent."""
+        return [hop.stats() for hop in self.hops]
+
+    def close(self) -> None:
+        for hop in self.hops:
+            hop.close()
+        self.hops = []
+        self.closed = True
