@@ -13,7 +13,7 @@ from bloombee_core.errors import BloombeeError
 
 # Modules that add commands, in the order --help lists them.
 COMMAND_MODULES = (
-    "bloombee_core.cli.swarm",
+    "bloombee_core.cli.swarm_commands",
     "bloombee_core.cli.run",
     "bloombee_core.cli.plugins",
     "bloombee_core.cli.config",

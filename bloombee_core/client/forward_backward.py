@@ -14,7 +14,7 @@ import torch
 from bloombee_core.client.rpc import Tensors, for_blocks, step_inputs
 
 if TYPE_CHECKING:
-    from bloombee_core.client.routing import SwarmClient
+    from bloombee_core.client.swarm_client import SwarmClient
 
 Piece = tuple[int, int, torch.Tensor]  # blocks start:end and the hidden states that went in
 

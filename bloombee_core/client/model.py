@@ -25,8 +25,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bloombee_core.client import forward_backward
 from bloombee_core.client.membership import SwarmMembership
-from bloombee_core.client.routing import SwarmClient
 from bloombee_core.client.sessions import InferenceSession
+from bloombee_core.client.swarm_client import SwarmClient
 from bloombee_core.compression import RAW, Compressor
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from bloombee_core.swarm.wire import ProtocolError
 from bloombee_core.transport import FrameStream
 
 if TYPE_CHECKING:
-    from bloombee_core.client.routing import SwarmClient
+    from bloombee_core.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
 PushRef = dict[str, str]  # where a server pushes its output: the next server's peer and session id
