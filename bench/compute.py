@@ -87,7 +87,7 @@ class LocalSplit:
     """The client part and the spans of one split, loaded through the model-family adapter."""
 
     def __init__(self, model: BenchModel, cuts: list[int]) -> None:
-        from bloombee_core.family import load_config
+        from bloombee_core.model import load_config
         from bloombee_core.registry import load_plugins
 
         config = load_config(model.path)

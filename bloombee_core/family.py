@@ -1,9 +1,14 @@
-"""What every model family shares: the adapter base, the client part, a span of blocks and its KV cache.
+"""The model-family adapter contract: :class:`ModelFamily` and what adapters use beside it.
 
 A family adapter turns a Hugging Face checkpoint folder into two things:
 
-* a :class:`ClientPart` (embeddings, final norm, LM head) that lives on the client, and
-* a :class:`BlockSpan` (decoder layers ``start:end``) that a server runs on its own.
+* a client part (embeddings, final norm, LM head) that lives on the client, and
+* a span of decoder layers ``start:end`` that a server runs on its own.
+
+Both are built and run by the runtime in :mod:`bloombee_core.model` (``ClientPart``, ``BlockSpan``,
+``load_config``, ``TensorSource``); this module is what an adapter author reads and imports. It imports
+neither torch nor transformers at import time, so listing plugins stays fast: an adapter does the same,
+importing heavy modules inside its methods (and for annotations under ``TYPE_CHECKING``).
 
 transformers 5.x decoder layers do not compute positions or masks themselves: the model builds rotary
 ``position_embeddings`` and causal / sliding-window masks once and hands them to every layer. A span
@@ -11,43 +16,41 @@ rebuilds exactly what the full model would have handed to *its* layers, using th
 functions, so the numbers match the reference bit for bit in fp32.
 
 Most families are pure data on top of :class:`ModelFamily` (which layer class, where the weights live);
-families whose blocks take other inputs (BLOOM's ALiBi, Falcon) override the few hooks that differ.
+families whose blocks take other inputs (BLOOM's ALiBi, Falcon) override the few methods that differ.
+The override points, by concern:
+
+* structure: :meth:`~ModelFamily.num_blocks`, :meth:`~ModelFamily.allowed_cuts`,
+  :meth:`~ModelFamily.layer_type`, :meth:`~ModelFamily.owns_kv`, :meth:`~ModelFamily.kv_shape`,
+  :meth:`~ModelFamily.side_inputs`, :meth:`~ModelFamily.client_side_inputs`,
+  :meth:`~ModelFamily.rotary_takes_layer_type`;
+* loading: :meth:`~ModelFamily.convert_layer_state`, :meth:`~ModelFamily.make_layer`,
+  :meth:`~ModelFamily.decoder_layer_class`, :meth:`~ModelFamily.make_rotary`,
+  :meth:`~ModelFamily.build_client_model`;
+* running: :meth:`~ModelFamily.embed`, :meth:`~ModelFamily.hidden_from_embeds`,
+  :meth:`~ModelFamily.logits`, :meth:`~ModelFamily.span_inputs`, :meth:`~ModelFamily.run_layer`,
+  :meth:`~ModelFamily.new_kv`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import sys
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-import transformers
-from safetensors import safe_open
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
-from transformers.initialization import no_init_weights
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from bloombee_core.plugin import Plugin
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from bloombee_core.model import BlockSpan, ClientPart
+
 FULL = "full_attention"
 SLIDING = "sliding_attention"
-
-
-def load_config(path: str | Path) -> PretrainedConfig:
-    """Read ``config.json`` from a local model folder (no network)."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} has no config.json; pass a model folder (use bloombee_core.model_files.resolve_model "
-            "to turn a hub id or .gguf file into one)"
-        )
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def span_problem(
@@ -68,67 +71,6 @@ def span_problem(
     return None
 
 
-class TensorSource:
-    """Reads single tensors by name from a folder of safetensors shards, lazily (memory-mapped).
-
-    ``reads`` lists every tensor name read, so tests can check that a span reads only its own tensors.
-    """
-
-    def __init__(self, folder: str | Path, base_prefix: str = "") -> None:
-        self.folder = Path(folder)
-        self.stored: dict[str, str] = {}  # name we ask for -> name in the file, where they differ
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.folder / file for name, file in weight_map.items()}
-        else:
-            shards = sorted(self.folder.glob("*.safetensors"))
-            if not shards:
-                raise FileNotFoundError(f"no *.safetensors files in {self.folder}")
-            self.files = {}
-            for shard in shards:
-                with safe_open(shard, framework="pt") as f:
-                    self.files.update({name: shard for name in f.keys()})
-        if base_prefix and not any(name.startswith(base_prefix) for name in self.files):
-            # checkpoints of the bare base model (e.g. bigscience BLOOM) omit "transformer."
-            self.stored = {base_prefix + name: name for name in self.files}
-            self.files = {base_prefix + name: file for name, file in self.files.items()}
-        self.reads: list[str] = []
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def names(self, prefix: str) -> list[str]:
-        return [name for name in self.files if name.startswith(prefix)]
-
-    def read(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
-        self.reads.append(name)
-        with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(self.stored.get(name, name))
-
-
-class SpanCache:
-    """A session's KV cache for one span. Wraps a transformers ``Cache`` indexed by global layer number."""
-
-    def __init__(self, kv: Any, batch_size: int, max_length: int, layer_indices: Iterable[int]) -> None:
-        self.kv = kv
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.layer_indices = list(layer_indices)
-        self.length = 0  # tokens already cached
-
-    def nbytes(self) -> int:
-        total = 0
-        for i in self.layer_indices:
-            layer = self.kv.layers[i]
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-
-
 @dataclass
 class SpanInputs:
     """Everything a decoder layer receives besides hidden states, built once per span forward."""
@@ -140,8 +82,42 @@ class SpanInputs:
     side: dict[str, torch.Tensor] = field(default_factory=dict)  # client-computed per-layer inputs
 
 
+def past_length(span: BlockSpan, kv: Any) -> int:
+    """Tokens already in the span's cache. Ask the span's own first layer: layers before it are empty here."""
+    return kv.get_seq_length(span.start) if kv is not None else 0
+
+
+def fuse_experts(
+    state: dict[str, torch.Tensor], experts: str, gate: str, up: str, down: str
+) -> dict[str, torch.Tensor]:
+    """Stack per-expert checkpoint matrices into transformers 5's fused 3-D expert parameters.
+
+    Hub checkpoints store ``{experts}.{e}.{gate|up|down}.weight``; transformers 5 modules hold
+    ``{experts}.gate_up_proj`` [E, 2I, H] (gate rows then up rows) and ``{experts}.down_proj`` [E, H, I].
+    A checkpoint already in the fused layout passes through unchanged. For
+    :meth:`ModelFamily.convert_layer_state`.
+    """
+    import torch
+
+    head = f"{experts}."
+    count = len({name[len(head) :].split(".")[0] for name in state if name.startswith(head)} - _FUSED)
+    if count == 0:
+        return state
+    out = {name: t for name, t in state.items() if not name.startswith(head)}
+
+    def stacked(kind: str) -> torch.Tensor:
+        return torch.stack([state[f"{head}{e}.{kind}.weight"] for e in range(count)])
+
+    out[f"{head}gate_up_proj"] = torch.cat([stacked(gate), stacked(up)], dim=1)
+    out[f"{head}down_proj"] = stacked(down)
+    return out
+
+
+_FUSED = {"gate_up_proj", "down_proj"}
+
+
 class ModelFamily(Plugin):
-    """Adapter base. Subclasses set ``name`` and ``model_types``; override hooks only where they differ.
+    """Adapter base. Subclasses set ``name`` and ``model_types``; override methods only where they differ.
 
     Data-like attributes describe where a checkpoint keeps things (transformers ``*ForCausalLM`` naming).
     """
@@ -158,9 +134,11 @@ class ModelFamily(Plugin):
 
     # ---- structure -------------------------------------------------------------------------------
     def num_blocks(self, config: PretrainedConfig) -> int:
+        """How many decoder blocks the model has: what servers host and clients route over."""
         return int(config.num_hidden_layers)
 
     def allowed_cuts(self, config: PretrainedConfig) -> list[int]:
+        """Block indices where a span may start or end (every one by default)."""
         return list(range(self.num_blocks(config) + 1))
 
     def layer_type(self, config: PretrainedConfig, index: int) -> str:
@@ -179,11 +157,12 @@ class ModelFamily(Plugin):
         """Per-layer inputs a span needs from the client besides hidden states: name -> feature size.
 
         Each arrives as a tensor [batch, tokens, end - start, size] (the span's own layers), in the hidden
-        states' dtype; the client computes all layers' values with :meth:`ClientPart.side_inputs`.
+        states' dtype; the client computes all layers' values with ``ClientPart.side_inputs``.
         """
         return {}
 
     def client_side_inputs(self, client: ClientPart, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict:
+        """The client's :meth:`side_inputs` for all blocks, each [batch, tokens, num_blocks, size]."""
         return {}
 
     def rotary_takes_layer_type(self, config: PretrainedConfig) -> bool:
@@ -205,14 +184,18 @@ class ModelFamily(Plugin):
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> ClientPart:
+        """The client part of the checkpoint folder ``path``: :meth:`build_client_model`, filled from it."""
+        from bloombee_core.model.checkpoint import TensorSource, is_tied
+        from bloombee_core.model.client_part import ClientPart
+
         source = TensorSource(path, self.base_prefix)
-        model = self._skeleton(config, dtype, device="cpu")
+        model = self.build_client_model(config, dtype, device="cpu")
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # skipped by no_init_weights; the LM head must be the embedding matrix
         expected = model.state_dict()
         state = {name: source.read(name) for name in expected if name in source}
         missing = [name for name in model.load_state_dict(state, strict=False).missing_keys]
-        missing = [name for name in missing if not _is_tied(model, name)]
+        missing = [name for name in missing if not is_tied(model, name)]
         if missing:
             raise KeyError(f"the checkpoint at {path} lacks the client tensors {missing}")
         return ClientPart(self, model.config, model).to(device=device, dtype=dtype).eval()
@@ -226,20 +209,28 @@ class ModelFamily(Plugin):
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> BlockSpan:
+        """Blocks ``start:end`` of the checkpoint folder ``path``, reading only their own tensors."""
+        from bloombee_core.model.checkpoint import (
+            TensorSource,
+            layer_from_state,
+            meta_skeleton,
+            prepared_config,
+        )
+        from bloombee_core.model.span import BlockSpan
+
         problem = span_problem(start, end, (0, self.num_blocks(config)), self.allowed_cuts(config))
         if problem:
             raise ValueError(problem)
-        skeleton = _meta_skeleton(config)
-        config = self._prepared_config(config, skeleton)
+        skeleton = meta_skeleton(config)
+        config = prepared_config(config, skeleton)
         source = TensorSource(path, self.base_prefix)
         layer_cls = self.decoder_layer_class(config)
         layers = []
         for index in range(start, end):
             prefix = f"{self.layer_prefix}{index}."
             state = {name[len(prefix) :]: source.read(name) for name in source.names(prefix)}
-            layer = self._layer_from_state(
-                layer_cls, config, index, self.convert_layer_state(config, index, state)
-            )
+            state = self.convert_layer_state(config, index, state)
+            layer = layer_from_state(partial(self.make_layer, layer_cls, config, index), state)
             layers.append(layer.to(device=device, dtype=dtype))
         span = BlockSpan(self, config, start, end, layers, self.make_rotary(config, skeleton))
         return span.to(device=device).eval()
@@ -250,25 +241,17 @@ class ModelFamily(Plugin):
         """Map a checkpoint's per-layer tensor names to the layer module's (identity unless overridden)."""
         return state
 
-    def _layer_from_state(
-        self, layer_cls: type, config: PretrainedConfig, index: int, state: dict
-    ) -> nn.Module:
-        # Built on the meta device and given the checkpoint tensors themselves: no init, no second copy
-        with torch.device("meta"):
-            layer = self.make_layer(layer_cls, config, index)
-        layer.load_state_dict(state, strict=True, assign=True)
-        if any(t.is_meta for t in layer.buffers()):
-            # this layer computes buffers in __init__ that are not in the checkpoint: build it for real
-            with no_init_weights():
-                layer = self.make_layer(layer_cls, config, index)
-            layer.load_state_dict(state, strict=True)
-        return layer
-
     def make_layer(self, layer_cls: type, config: PretrainedConfig, index: int) -> nn.Module:
+        """Decoder layer ``index``, built empty (on the meta device if it can be) before its tensors load."""
         return layer_cls(config, layer_idx=index)
 
     def decoder_layer_class(self, config: PretrainedConfig) -> type:
-        lm_cls = _causal_lm_class(config)
+        """The transformers decoder-layer class, found through the CausalLM's ``_no_split_modules``."""
+        import sys
+
+        from bloombee_core.model.checkpoint import causal_lm_class
+
+        lm_cls = causal_lm_class(config)
         names = list(lm_cls._no_split_modules or [])
         modeling = sys.modules[lm_cls.__module__]
         for name in names:
@@ -280,23 +263,25 @@ class ModelFamily(Plugin):
         """A fresh rotary module of the model's own class (built for real: its tables are buffers)."""
         if self.rotary is None:
             return None
-        return type(_get_path(skeleton, self.rotary))(config=config)
+        return type(attrgetter(self.rotary)(skeleton))(config=config)
 
-    def _skeleton(self, config: PretrainedConfig, dtype: torch.dtype, device: str) -> nn.Module:
-        """The family's own CausalLM with zero decoder layers: exactly the client's modules."""
+    def build_client_model(self, config: PretrainedConfig, dtype: torch.dtype, device: str) -> nn.Module:
+        """The family's own CausalLM with zero decoder layers, uninitialised: exactly the client's modules.
+
+        The loader fills it from the checkpoint; override it where the layer count shapes other modules.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        from bloombee_core.model.checkpoint import zero_layer_config
+
         with no_init_weights(), torch.device(device):
-            return AutoModelForCausalLM.from_config(_zero_layer_config(config), dtype=dtype)
-
-    def _prepared_config(self, config: PretrainedConfig, skeleton: nn.Module) -> PretrainedConfig:
-        """A copy with the attention / experts implementations transformers itself would pick."""
-        config = copy.deepcopy(config)
-        for attr in ("_attn_implementation", "_experts_implementation"):
-            if getattr(config, attr, None) is None and getattr(skeleton.config, attr, None) is not None:
-                setattr(config, attr, getattr(skeleton.config, attr))
-        return config
+            return AutoModelForCausalLM.from_config(zero_layer_config(config), dtype=dtype)
 
     # ---- running (client) ------------------------------------------------------------------------
     def embed(self, client: ClientPart, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block 0 for ``input_ids``."""
         return self.hidden_from_embeds(client, client.model.get_input_embeddings()(input_ids))
 
     def hidden_from_embeds(self, client: ClientPart, embeds: torch.Tensor) -> torch.Tensor:
@@ -306,7 +291,10 @@ class ModelFamily(Plugin):
         return embeds
 
     def logits(self, client: ClientPart, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = _get_path(client.model, self.final_norm)(hidden)
+        """Final norm, LM head and (if the config asks) logit soft-capping, as transformers applies them."""
+        import torch
+
+        hidden = attrgetter(self.final_norm)(client.model)(hidden)
         logits = client.model.get_output_embeddings()(hidden)
         cap = getattr(client.config, "final_logit_softcapping", None)
         if cap:
@@ -322,6 +310,10 @@ class ModelFamily(Plugin):
         attention_mask: torch.Tensor | None,
         kv: Any,
     ) -> SpanInputs:
+        """What every layer of ``span`` receives besides hidden states, built once per forward exactly as
+        the transformers model builds it for those layers: a mask and rotary tables per layer type."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
         inputs = SpanInputs(position_ids=position_ids)
         first_of_type: dict[str, int] = {}
         for index in range(span.start, span.end):  # size each mask against a layer that holds a cache
@@ -347,6 +339,7 @@ class ModelFamily(Plugin):
     def run_layer(
         self, span: BlockSpan, layer: nn.Module, index: int, hidden: torch.Tensor, inputs: SpanInputs, kv: Any
     ) -> torch.Tensor:
+        """Decoder layer ``index`` of ``span`` applied to ``hidden``; returns the new hidden states."""
         kind = self.layer_type(span.config, index)
         out = layer(
             hidden,
@@ -359,211 +352,7 @@ class ModelFamily(Plugin):
         return out[0] if isinstance(out, tuple) else out
 
     def new_kv(self, config: PretrainedConfig) -> Any:
+        """An empty KV cache for one session: a transformers ``Cache`` indexed by global layer number."""
+        from transformers import DynamicCache
+
         return DynamicCache(config=config)
-
-
-class ClientPart(nn.Module):
-    """The client's share of the model: embeddings, final norm, LM head (tied or not)."""
-
-    def __init__(self, family: ModelFamily, config: PretrainedConfig, model: nn.Module) -> None:
-        super().__init__()
-        self.family = family
-        self.config = config
-        self.model = model
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self, input_ids)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.family.logits(self, hidden)
-
-    def hidden_from_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Hidden states entering block 0 for user-given ``inputs_embeds``, as the transformers model does."""
-        return self.family.hidden_from_embeds(self, embeds)
-
-    def side_inputs(self, input_ids: torch.Tensor | None, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-layer inputs for all blocks, [batch, tokens, num_blocks, size] each (empty for most families).
-
-        ``hidden`` is :meth:`embed`'s output for ``input_ids`` (or :meth:`hidden_from_embeds`'s for given
-        embeddings, with ``input_ids=None``). Send span ``a:b`` the slice ``[:, :, a:b]``.
-        """
-        return self.family.client_side_inputs(self, input_ids, hidden)
-
-
-class BlockSpan(nn.Module):
-    """Decoder layers ``start:end`` of one model, runnable on their own with or without a KV cache."""
-
-    def __init__(
-        self,
-        family: ModelFamily,
-        config: PretrainedConfig,
-        start: int,
-        end: int,
-        layers: list[nn.Module],
-        rotary: nn.Module | None,
-    ) -> None:
-        super().__init__()
-        self.family = family
-        self.config = config
-        self.start = start
-        self.end = end
-        self.layers = nn.ModuleList(layers)
-        self.rotary = rotary
-
-    def sub_span(self, start: int, end: int) -> BlockSpan:
-        """Blocks start:end of this span, sharing its modules (a server serving part of what it holds)."""
-        problem = span_problem(
-            start, end, (self.start, self.end), self.family.allowed_cuts(self.config), "this span"
-        )
-        if problem:
-            raise ValueError(problem)
-        if (start, end) == (self.start, self.end):
-            return self
-        layers = list(self.layers)[start - self.start : end - self.start]
-        return BlockSpan(self.family, self.config, start, end, layers, self.rotary)
-
-    def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
-        return SpanCache(self.family.new_kv(self.config), batch_size, max_length, range(self.start, self.end))
-
-    def cache_bytes(self, batch_size: int, max_length: int) -> int:
-        itemsize = next(self.layers.parameters()).element_size()
-        total = 0
-        for index in range(self.start, self.end):
-            if not self.family.owns_kv(self.config, index):
-                continue
-            kv_heads, head_dim = self.family.kv_shape(self.config, index)
-            length = max_length
-            if self.family.layer_type(self.config, index) == SLIDING and self.config.sliding_window:
-                length = min(max_length, self.config.sliding_window)
-            total += 2 * batch_size * kv_heads * head_dim * length * itemsize
-        return total
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        *,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: SpanCache | None = None,
-        side_inputs: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        batch, length = hidden.shape[:2]
-        past = cache.length if cache is not None else 0
-        _check_inputs(self, hidden, position_ids, attention_mask, cache, past)
-        side_inputs = _checked_side_inputs(self, hidden, side_inputs or {})
-        kv = cache.kv if cache is not None else None
-        inputs = self.family.span_inputs(self, hidden, position_ids, attention_mask, kv)
-        inputs.side = side_inputs
-        for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
-            hidden = self.family.run_layer(self, layer, index, hidden, inputs, kv)
-        if cache is not None:
-            cache.length += length
-        return hidden
-
-
-def _check_inputs(
-    span: BlockSpan,
-    hidden: torch.Tensor,
-    position_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    cache: SpanCache | None,
-    past: int,
-) -> None:
-    if hidden.ndim != 3 or hidden.shape[-1] != span.config.hidden_size:
-        raise ValueError(
-            f"hidden states must be [batch, tokens, {span.config.hidden_size}], got {list(hidden.shape)}"
-        )
-    batch, length = hidden.shape[:2]
-    if position_ids.ndim != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
-        raise ValueError(f"position_ids must be [{batch} or 1, {length}], got {list(position_ids.shape)}")
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
-        raise ValueError(
-            f"attention_mask must be [batch, past+tokens] = [{batch}, {past + length}], "
-            f"got {list(attention_mask.shape)}"
-        )
-    if cache is not None:
-        if cache.batch_size != batch:
-            raise ValueError(f"this cache was made for batch size {cache.batch_size}, got {batch}")
-        if past + length > cache.max_length:
-            raise ValueError(
-                f"the session would hold {past + length} tokens but its cache was made for {cache.max_length}; "
-                "open the session with a larger max_length"
-            )
-
-
-def _checked_side_inputs(span: BlockSpan, hidden: torch.Tensor, given: dict) -> dict[str, torch.Tensor]:
-    wanted = span.family.side_inputs(span.config)
-    if set(given) != set(wanted):
-        raise ValueError(f"this span needs side inputs {sorted(wanted)}, got {sorted(given)}")
-    for name, size in wanted.items():
-        shape = (*hidden.shape[:2], span.end - span.start, size)
-        if tuple(given[name].shape) != shape:
-            raise ValueError(f"side input {name!r} must be {list(shape)}, got {list(given[name].shape)}")
-    return given
-
-
-def past_length(span: BlockSpan, kv: Any) -> int:
-    """Tokens already in the span's cache. Ask the span's own first layer: layers before it are empty here."""
-    return kv.get_seq_length(span.start) if kv is not None else 0
-
-
-def fuse_experts(
-    state: dict[str, torch.Tensor], experts: str, gate: str, up: str, down: str
-) -> dict[str, torch.Tensor]:
-    """Stack per-expert checkpoint matrices into transformers 5's fused 3-D expert parameters.
-
-    Hub checkpoints store ``{experts}.{e}.{gate|up|down}.weight``; transformers 5 modules hold
-    ``{experts}.gate_up_proj`` [E, 2I, H] (gate rows then up rows) and ``{experts}.down_proj`` [E, H, I].
-    A checkpoint already in the fused layout passes through unchanged.
-    """
-    head = f"{experts}."
-    count = len({name[len(head) :].split(".")[0] for name in state if name.startswith(head)} - _FUSED)
-    if count == 0:
-        return state
-    out = {name: t for name, t in state.items() if not name.startswith(head)}
-
-    def stacked(kind: str) -> torch.Tensor:
-        return torch.stack([state[f"{head}{e}.{kind}.weight"] for e in range(count)])
-
-    out[f"{head}gate_up_proj"] = torch.cat([stacked(gate), stacked(up)], dim=1)
-    out[f"{head}down_proj"] = stacked(down)
-    return out
-
-
-_FUSED = {"gate_up_proj", "down_proj"}
-
-
-def _causal_lm_class(config: PretrainedConfig) -> type:
-    mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
-    try:
-        return mapping[type(config)]
-    except KeyError:
-        raise TypeError(f"transformers has no causal LM for model_type {config.model_type!r}") from None
-
-
-def _meta_skeleton(config: PretrainedConfig) -> nn.Module:
-    """The model with zero layers on the meta device (no memory): to learn its classes and settings."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # 0-layer tables
-        return AutoModelForCausalLM.from_config(_zero_layer_config(config))
-
-
-def _zero_layer_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The same config with no decoder layers: builds only embeddings, norm, head and rotary cheaply."""
-    cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = 0
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = []
-    return cfg
-
-
-def _get_path(module: nn.Module, path: str) -> Any:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """True when parameter ``name`` shares its storage with another parameter (e.g. a tied LM head)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return any(other != name and params[other] is params[name] for other in params)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanCache, TensorSource, load_config
+from bloombee_core.family import ModelFamily
+from bloombee_core.model import BlockSpan, ClientPart, SpanCache, TensorSource, load_config
 
 # Sizes shared by the tiny test models; each family test adds what its config needs.
 TINY = dict(

@@ -14,7 +14,7 @@ from family_helpers import (
 )
 from transformers import Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, GemmaConfig
 
-from bloombee_core.family import load_config
+from bloombee_core.model import load_config
 
 SMALL = dict(TINY, head_dim=16)
 CONFIGS = {

@@ -20,7 +20,7 @@ from family_helpers import (
 )
 from transformers import LlamaConfig, MistralConfig
 
-from bloombee_core.family import load_config
+from bloombee_core.model import load_config
 
 CUTS = [0, 1, 3, 5]  # an uneven split: 0:1, 1:3, 3:5
 

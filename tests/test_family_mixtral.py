@@ -13,7 +13,7 @@ from family_helpers import (
 )
 from transformers import MixtralConfig
 
-from bloombee_core.family import TensorSource
+from bloombee_core.model import TensorSource
 
 SMALL = dict(TINY, num_local_experts=4, num_experts_per_tok=2)
 CONFIGS = {

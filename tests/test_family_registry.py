@@ -6,8 +6,9 @@ import pytest
 from family_helpers import TINY, assert_family_parity, save_tiny
 from transformers import AutoConfig, Qwen2Config
 
-from bloombee_core.family import ModelFamily, load_config
+from bloombee_core.family import ModelFamily
 from bloombee_core.hookspecs import hookimpl
+from bloombee_core.model import load_config
 from bloombee_core.registry import load_plugins
 
 BUILT_IN = {

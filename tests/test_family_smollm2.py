@@ -9,7 +9,7 @@ from family_helpers import SplitModel, load_reference
 from transformers import AutoTokenizer
 
 from bloombee_core.about import DEFAULT_MODEL
-from bloombee_core.family import load_config
+from bloombee_core.model import load_config
 from bloombee_core.model_files import resolve_model
 
 pytestmark = pytest.mark.slow

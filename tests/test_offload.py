@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from torch import nn
 from transformers import LlamaConfig
 
-from bloombee_core.family import BlockSpan, load_config
+from bloombee_core.model import BlockSpan, load_config
 from bloombee_core.offload import offload_plan, param_bytes
 
 CPU = torch.device("cpu")

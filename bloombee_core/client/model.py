@@ -32,7 +32,8 @@ from bloombee_core.compression import RAW, Compressor
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-    from bloombee_core.family import ClientPart, ModelFamily
+    from bloombee_core.family import ModelFamily
+    from bloombee_core.model import ClientPart
     from bloombee_core.registry import PluginSet
     from bloombee_core.swarm.routing import Hop
     from bloombee_core.transport import Transport
@@ -281,7 +282,7 @@ class AutoDistributedModelForCausalLM:
         **_: Any,
     ) -> DistributedModelForCausalLM:
         from bloombee_core.dtypes import torch_dtype
-        from bloombee_core.family import load_config
+        from bloombee_core.model import load_config
         from bloombee_core.model_files import resolve_model
         from bloombee_core.registry import load_plugins
 

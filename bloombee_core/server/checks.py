@@ -16,7 +16,7 @@ from bloombee_core.family import span_problem
 from bloombee_core.swarm.wire import TensorMeta
 
 if TYPE_CHECKING:
-    from bloombee_core.family import BlockSpan
+    from bloombee_core.model import BlockSpan
 
 MAX_POSITION = 1 << 20  # position ids must lie below this
 MAX_STEP = 1 << 31

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    from bloombee_core.family import BlockSpan, SpanCache
+    from bloombee_core.model import BlockSpan, SpanCache
 
 T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]

@@ -24,7 +24,7 @@ from bloombee_core.swarm.wire import TensorMeta
 from bloombee_core.transport import FrameStream, Transport
 
 if TYPE_CHECKING:
-    from bloombee_core.family import BlockSpan
+    from bloombee_core.model import BlockSpan
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from bloombee_core.swarm.records import coverage, fetch_servers, least_served_sp
 from bloombee_core.transport import Transport
 
 if TYPE_CHECKING:
-    from bloombee_core.family import BlockSpan
+    from bloombee_core.model import BlockSpan
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def default_cache_budget(span: BlockSpan, dtype: torch.dtype) -> int:
 async def start_server(
     job: ServerJob, transport: Transport, plugins: PluginSet, limits: Limits | None = None
 ) -> Server:
-    from bloombee_core.family import load_config, span_problem
+    from bloombee_core.family import span_problem
+    from bloombee_core.model import load_config
 
     opts = job.server
     path = resolve(job.model.path)

@@ -30,7 +30,7 @@ from bloombee_core.swarm.wire import TensorMeta
 from bloombee_core.transport import FrameStream, Transport
 
 if TYPE_CHECKING:
-    from bloombee_core.family import BlockSpan, SpanCache
+    from bloombee_core.model import BlockSpan, SpanCache
     from bloombee_core.server.lifecycle import Server
 
 logger = logging.getLogger(__name__)

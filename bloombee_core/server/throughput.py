@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from bloombee_core.family import BlockSpan
+    from bloombee_core.model import BlockSpan
 
 
 def measure_throughput(span: BlockSpan, dtype: torch.dtype, device: torch.device, steps: int = 4) -> float:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.models.bloom.modeling_bloom import build_alibi_tensor
-
-from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanInputs, past_length
+from bloombee_core.family import FULL, ModelFamily, SpanInputs, past_length
 from bloombee_core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from bloombee_core.model import BlockSpan, ClientPart
 
 
 class BloomFamily(ModelFamily):
@@ -23,6 +25,9 @@ class BloomFamily(ModelFamily):
         return client.model.transformer.word_embeddings_layernorm(embeds)
 
     def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+        import torch
+        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
         # BLOOM ignores position ids: the ALiBi bias is built from the padding mask (or the key length)
         inputs = super().span_inputs(span, hidden, None, attention_mask, kv)
         heads, batch = span.config.n_head, hidden.shape[0]
@@ -39,7 +44,7 @@ class BloomFamily(ModelFamily):
         return layer(
             hidden,
             layer_past=kv,
-            attention_mask=inputs.masks["full_attention"],
+            attention_mask=inputs.masks[FULL],
             use_cache=kv is not None,
             alibi=inputs.extra["alibi"],
         )[0]

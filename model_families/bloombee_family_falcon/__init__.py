@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.masking_utils import create_causal_mask
-from transformers.models.falcon.modeling_falcon import build_alibi_tensor
-
-from bloombee_core.family import FULL, BlockSpan, ModelFamily, SpanInputs, past_length
+from bloombee_core.family import FULL, ModelFamily, SpanInputs, past_length
 from bloombee_core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from bloombee_core.model import BlockSpan
 
 
 class FalconFamily(ModelFamily):
@@ -28,6 +29,10 @@ class FalconFamily(ModelFamily):
         return (1 if config.multi_query else config.num_attention_heads), head_dim
 
     def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+        import torch
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
         config = span.config
         inputs = SpanInputs(position_ids=position_ids)
         # Falcon always materialises the mask so the ALiBi bias can be folded into it
@@ -68,6 +73,8 @@ class FalconFamily(ModelFamily):
 
 def _fold_alibi(mask: torch.Tensor, alibi: torch.Tensor, batch: int, config, dtype) -> torch.Tensor:
     """The additive mask Falcon's model builds: ALiBi scaled by 1/sqrt(head_dim), -inf where masked."""
+    import torch
+
     lowest = torch.finfo(dtype).min
     if mask.dtype == torch.bool:
         mask = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), lowest)

@@ -13,14 +13,15 @@ Gemma 4 adds two things a span needs from outside its own weights:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoModelForCausalLM
-from transformers.cache_utils import KVSharingDict
-
-from bloombee_core.family import BlockSpan, ClientPart, ModelFamily, SpanInputs
+from bloombee_core.family import ModelFamily, SpanInputs
 from bloombee_core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from bloombee_core.model import BlockSpan, ClientPart
 
 PER_LAYER = "per_layer_inputs"
 
@@ -33,7 +34,7 @@ class GemmaFamily(ModelFamily):
     def rotary_takes_layer_type(self, config) -> bool:
         return config.model_type in ("gemma3_text", "gemma4_text")
 
-    # ---- Gemma 4 only: every hook below is a no-op for the earlier generations -------------------
+    # ---- Gemma 4 only: every method below is a no-op for the earlier generations -----------------
     def allowed_cuts(self, config) -> list[int]:
         cuts = super().allowed_cuts(config)
         modes = getattr(config, "kv_sharing_modes", None) if config.model_type == "gemma4_text" else None
@@ -77,9 +78,12 @@ class GemmaFamily(ModelFamily):
         # KV-consuming layers have no key/value weights; hub checkpoints may still carry them
         return {name: t for name, t in state.items() if name.split(".")[:2] not in _UNUSED_KV}
 
-    def _skeleton(self, config, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    def build_client_model(self, config, dtype: torch.dtype, device: str) -> torch.nn.Module:
         if config.model_type != "gemma4_text":
-            return super()._skeleton(config, dtype, device)
+            return super().build_client_model(config, dtype, device)
+        import torch
+        from transformers import AutoModelForCausalLM
+
         # The per-layer embedding's width depends on the layer count, so keep the real config, build on
         # meta (no memory), drop the decoder layers, then materialise what is left.
         with torch.device("meta"):
@@ -93,6 +97,8 @@ class GemmaFamily(ModelFamily):
         return model
 
     def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+        from transformers.cache_utils import KVSharingDict
+
         inputs = super().span_inputs(span, hidden, position_ids, attention_mask, kv)
         inputs.extra["shared_kv"] = KVSharingDict()  # filled by source layers, read by consumers, per call
         return inputs

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bloombee_core.family import load_config
+from bloombee_core.model import load_config
 
 from .conftest import FAMILY_CONFIGS
 
