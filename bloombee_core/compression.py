@@ -10,11 +10,12 @@ network — so :meth:`Compressor.decode` implementations must never produce (or 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from bloombee_core.plugin import Plugin
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RAW", "Compressor", "RawCompressor", "expected_nbytes", "tensor_bytes_view", "tensor_from_bytes"]
 
@@ -57,6 +58,8 @@ RAW = RawCompressor()
 
 def expected_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     """Bytes a tensor of ``dtype`` and ``shape`` occupies; rejects shapes no tensor can have."""
+    import torch
+
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     for dim in shape:
@@ -67,6 +70,8 @@ def expected_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 
 def tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 CPU view of the tensor's bytes (copies only if it is not contiguous or not on CPU)."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8)
 
@@ -75,6 +80,8 @@ def tensor_from_bytes(
     data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> torch.Tensor:
     """A new, writable tensor holding a copy of ``data``, which must be exactly the right size."""
+    import torch
+
     nbytes = expected_nbytes(dtype, shape)
     if len(data) != nbytes:
         raise ValueError(

@@ -18,12 +18,13 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from bloombee_core.plugin import Plugin
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 logger = logging.getLogger("bloombee")
 
@@ -69,6 +70,8 @@ class OffloadPolicy(Plugin):
 
     def apply(self, span: nn.Module, device: torch.device) -> nn.Module:
         """Move ``span`` to ``device``, streaming what :meth:`choose_streamed` picks; returns the span."""
+        import torch
+
         units = offload_units(span)
         place_span(span, torch.device(device), self.choose_streamed(span, units), prefetch=self.prefetch())
         return span
@@ -76,6 +79,8 @@ class OffloadPolicy(Plugin):
 
 def offload_units(span: nn.Module) -> list[nn.Module]:
     """The modules whose weights move together: the span's ``layers`` if it has them, else its children."""
+    from torch import nn
+
     layers = getattr(span, "layers", None)
     if isinstance(layers, nn.ModuleList):
         return list(layers)
@@ -117,6 +122,8 @@ class _StreamedWeights:
     def _copies(self) -> dict[int, nn.Parameter]:
         # From pinned memory the copy is asynchronous but ordered on the current stream, before the
         # kernels that read the weights; on a CPU device .to() returns the CPU tensor itself.
+        from torch import nn
+
         copies: dict[int, nn.Parameter] = {}
         for _, _, param in self.owners:
             if id(param) not in copies:
@@ -126,6 +133,8 @@ class _StreamedWeights:
 
     def prefetch(self) -> None:
         """Start copying this unit's weights on the side stream, unless they are there already."""
+        import torch
+
         assert self.copy_stream is not None
         with self.lock:
             if self.users or self.prefetched is not None:
@@ -137,6 +146,8 @@ class _StreamedWeights:
             self.prefetched = (copies, done)
 
     def load(self, module: nn.Module, args: Any) -> None:
+        import torch
+
         with self.lock:
             self.users += 1
             if self.users > 1:
@@ -184,6 +195,8 @@ def place_span(
     :raises ValueError: a policy was already applied to this span, or a streamed parameter is not in
         one of its units (only unit weights can stream: nothing would bring the others in).
     """
+    import torch
+
     if offload_plan(span) is not None:
         raise ValueError(
             "an offload policy was already applied to this span; build a fresh span to change it"
@@ -248,6 +261,9 @@ def _pinned(tensor: torch.Tensor) -> torch.Tensor:
 def _moved(param: nn.Parameter, device: torch.device) -> nn.Parameter:
     """``param`` on ``device``: the same object where its storage can be swapped (CPU <-> CUDA), as
     ``nn.Module.to`` does, else a new parameter (e.g. for the meta device)."""
+    import torch
+    from torch import nn
+
     data = param.data.to(device)
     if data is param.data:
         return param

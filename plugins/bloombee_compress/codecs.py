@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import lz4.block
-import torch
 import zstandard
 from pydantic import Field
 
@@ -23,6 +22,9 @@ from bloombee_core.compression import (
     tensor_from_bytes,
 )
 from bloombee_core.plugin import PluginOptions
+
+if TYPE_CHECKING:
+    import torch
 
 # lz4's block format cannot hold more than this in one block (LZ4_MAX_INPUT_SIZE).
 LZ4_MAX_INPUT = 0x7E000000
@@ -131,6 +133,8 @@ class ZstdCompressor(Compressor):
         return zstd_compress(tensor_bytes_view(tensor).numpy(), self.options.level)
 
     def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         out = torch.empty(expected_nbytes(dtype, shape), dtype=torch.uint8)
         zstd_decompress_into(payload, memoryview(out.numpy()), _describe(dtype, shape))
         return out.view(dtype).reshape(shape)
@@ -160,6 +164,8 @@ class ZstdByteSplitCompressor(Compressor):
         return b"".join([header, *frames])
 
     def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         what = _describe(dtype, shape)
         itemsize = dtype.itemsize
         numel = expected_nbytes(dtype, shape) // itemsize

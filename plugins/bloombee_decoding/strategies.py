@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field
 
 from bloombee_core.decoding import DecodingStrategy
@@ -60,6 +59,8 @@ class SamplingDecoding(DecodingStrategy):
         if self.options.seed is None:
             yield
             return
+        import torch
+
         # The logits may live on a GPU: fork (and seed) its generator as well as the CPU one.
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
-from torch import nn
 
 from bloombee_core.offload import OffloadPolicy, param_bytes
 from bloombee_core.plugin import PluginOptions
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class NoOffload(OffloadPolicy):
