@@ -83,7 +83,7 @@ def test_gemma4_is_never_cut_between_a_kv_source_and_its_consumers():
 def test_gemma4_forbidden_span_and_missing_side_inputs_are_clear_errors(tmp_path_factory):
     path = save_tiny(Gemma4TextConfig(**GEMMA4), tmp_path_factory.mktemp("gemma4_errors"))
     config = load_config(path)
-    with pytest.raises(ValueError, match="allowed cuts: \\[0, 1, 2, 6\\]"):
+    with pytest.raises(ValueError, match="start and end only at blocks \\[0, 1, 2, 6\\]"):
         GemmaFamily().load_span(path, config, 0, 4, torch.float32)
     span = GemmaFamily().load_span(path, config, 0, 2, torch.float32)
     hidden = torch.randn(1, 3, config.hidden_size)
