@@ -3,11 +3,15 @@ easy to check), and a transport and a model family chosen only by name (see :mod
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from bloombee_core import PluginOptions, hookimpl
 from bloombee_core.compression import Compressor, tensor_bytes_view, tensor_from_bytes
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing plugins stays fast (no torch import)
+    import torch
 
 
 class XorCompressor(Compressor):
@@ -21,6 +25,8 @@ class XorCompressor(Compressor):
         return (tensor_bytes_view(tensor) ^ self.options.key).numpy().tobytes()
 
     def decode(self, payload: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         masked = tensor_from_bytes(payload, torch.uint8, (len(payload),))
         return tensor_from_bytes((masked ^ self.options.key).numpy().tobytes(), dtype, shape)
 
