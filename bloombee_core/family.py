@@ -21,13 +21,13 @@ The override points, by concern:
 
 * structure: :meth:`~ModelFamily.num_blocks`, :meth:`~ModelFamily.allowed_cuts`,
   :meth:`~ModelFamily.layer_type`, :meth:`~ModelFamily.owns_kv`, :meth:`~ModelFamily.kv_shape`,
-  :meth:`~ModelFamily.side_inputs`, :meth:`~ModelFamily.client_side_inputs`,
+  :meth:`~ModelFamily.per_layer_input_sizes`, :meth:`~ModelFamily.compute_per_layer_inputs`,
   :meth:`~ModelFamily.rotary_takes_layer_type`;
 * loading: :meth:`~ModelFamily.convert_layer_state`, :meth:`~ModelFamily.make_layer`,
   :meth:`~ModelFamily.decoder_layer_class`, :meth:`~ModelFamily.make_rotary`,
   :meth:`~ModelFamily.build_client_model`;
 * running: :meth:`~ModelFamily.embed`, :meth:`~ModelFamily.hidden_from_embeds`,
-  :meth:`~ModelFamily.logits`, :meth:`~ModelFamily.span_inputs`, :meth:`~ModelFamily.run_layer`,
+  :meth:`~ModelFamily.logits`, :meth:`~ModelFamily.layer_context`, :meth:`~ModelFamily.run_layer`,
   :meth:`~ModelFamily.new_kv`.
 """
 
@@ -72,14 +72,16 @@ def span_problem(
 
 
 @dataclass
-class SpanInputs:
-    """Everything a decoder layer receives besides hidden states, built once per span forward."""
+class LayerContext:
+    """What every decoder layer of one span forward receives besides its hidden states (built once per
+    forward by :meth:`ModelFamily.layer_context`): positions, masks and rotary tables per layer type,
+    family extras (ALiBi), and the client's per-layer inputs."""
 
     position_ids: torch.Tensor
     masks: dict[str, Any] = field(default_factory=dict)  # layer type -> mask (None = plain causal)
     position_embeddings: dict[str, Any] = field(default_factory=dict)  # layer type -> (cos, sin)
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. ALiBi)
-    side: dict[str, torch.Tensor] = field(default_factory=dict)  # client-computed per-layer inputs
+    per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # client-computed per-layer inputs
 
 
 def past_length(span: BlockSpan, kv: Any) -> int:
@@ -153,16 +155,18 @@ class ModelFamily(Plugin):
         """False for layers that reuse another layer's keys/values (Gemma 4 KV sharing) and cache nothing."""
         return True
 
-    def side_inputs(self, config: PretrainedConfig) -> dict[str, int]:
+    def per_layer_input_sizes(self, config: PretrainedConfig) -> dict[str, int]:
         """Per-layer inputs a span needs from the client besides hidden states: name -> feature size.
 
         Each arrives as a tensor [batch, tokens, end - start, size] (the span's own layers), in the hidden
-        states' dtype; the client computes all layers' values with ``ClientPart.side_inputs``.
+        states' dtype; the client computes all layers' values with ``ClientPart.per_layer_inputs``.
         """
         return {}
 
-    def client_side_inputs(self, client: ClientPart, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict:
-        """The client's :meth:`side_inputs` for all blocks, each [batch, tokens, num_blocks, size]."""
+    def compute_per_layer_inputs(
+        self, client: ClientPart, input_ids: torch.Tensor, hidden: torch.Tensor
+    ) -> dict:
+        """The client's :meth:`per_layer_input_sizes` for all blocks, each [batch, tokens, num_blocks, size]."""
         return {}
 
     def rotary_takes_layer_type(self, config: PretrainedConfig) -> bool:
@@ -302,26 +306,26 @@ class ModelFamily(Plugin):
         return logits
 
     # ---- running (span) --------------------------------------------------------------------------
-    def span_inputs(
+    def layer_context(
         self,
         span: BlockSpan,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         kv: Any,
-    ) -> SpanInputs:
+    ) -> LayerContext:
         """What every layer of ``span`` receives besides hidden states, built once per forward exactly as
         the transformers model builds it for those layers: a mask and rotary tables per layer type."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        inputs = SpanInputs(position_ids=position_ids)
+        context = LayerContext(position_ids=position_ids)
         first_of_type: dict[str, int] = {}
         for index in range(span.start, span.end):  # size each mask against a layer that holds a cache
             if self.owns_kv(span.config, index):
                 first_of_type.setdefault(self.layer_type(span.config, index), index)
         for kind, index in first_of_type.items():
             make_mask = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
-            inputs.masks[kind] = make_mask(
+            context.masks[kind] = make_mask(
                 config=span.config,
                 inputs_embeds=hidden,
                 attention_mask=attention_mask,
@@ -331,21 +335,27 @@ class ModelFamily(Plugin):
             )
             if span.rotary is not None:
                 if self.rotary_takes_layer_type(span.config):
-                    inputs.position_embeddings[kind] = span.rotary(hidden, position_ids, kind)
+                    context.position_embeddings[kind] = span.rotary(hidden, position_ids, kind)
                 else:
-                    inputs.position_embeddings[kind] = span.rotary(hidden, position_ids)
-        return inputs
+                    context.position_embeddings[kind] = span.rotary(hidden, position_ids)
+        return context
 
     def run_layer(
-        self, span: BlockSpan, layer: nn.Module, index: int, hidden: torch.Tensor, inputs: SpanInputs, kv: Any
+        self,
+        span: BlockSpan,
+        layer: nn.Module,
+        index: int,
+        hidden: torch.Tensor,
+        context: LayerContext,
+        kv: Any,
     ) -> torch.Tensor:
         """Decoder layer ``index`` of ``span`` applied to ``hidden``; returns the new hidden states."""
         kind = self.layer_type(span.config, index)
         out = layer(
             hidden,
-            attention_mask=inputs.masks[kind],
-            position_embeddings=inputs.position_embeddings.get(kind),
-            position_ids=inputs.position_ids,
+            attention_mask=context.masks[kind],
+            position_embeddings=context.position_embeddings.get(kind),
+            position_ids=context.position_ids,
             cache=kv,
             use_cache=kv is not None,
         )

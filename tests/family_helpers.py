@@ -77,16 +77,18 @@ class SplitModel:
         length = input_ids.shape[1]
         position_ids = positions_like_generate(attention_mask)[:, -length:]
         hidden = self.client.embed(input_ids)
-        side = self.client.side_inputs(input_ids, hidden)  # per-layer inputs (Gemma 4); usually empty
+        per_layer = self.client.per_layer_inputs(
+            input_ids, hidden
+        )  # per-layer inputs (Gemma 4); usually empty
         for i, span in enumerate(self.spans):
             cache = caches[i] if caches is not None else None
-            span_side = {name: t[:, :, span.start : span.end] for name, t in side.items()}
+            span_per_layer = {name: t[:, :, span.start : span.end] for name, t in per_layer.items()}
             hidden = span(
                 hidden,
                 position_ids=position_ids,
                 attention_mask=attention_mask if send_mask else None,
                 cache=cache,
-                side_inputs=span_side,
+                per_layer_inputs=span_per_layer,
             )
         return self.client.logits(hidden)
 

@@ -80,18 +80,18 @@ def test_gemma4_is_never_cut_between_a_kv_source_and_its_consumers():
     assert GemmaFamily().allowed_cuts(config) == [0, 1, 2, 6]
 
 
-def test_gemma4_forbidden_span_and_missing_side_inputs_are_clear_errors(tmp_path_factory):
+def test_gemma4_forbidden_span_and_missing_per_layer_inputs_are_clear_errors(tmp_path_factory):
     path = save_tiny(Gemma4TextConfig(**GEMMA4), tmp_path_factory.mktemp("gemma4_errors"))
     config = load_config(path)
     with pytest.raises(ValueError, match="start and end only at blocks \\[0, 1, 2, 6\\]"):
         GemmaFamily().load_span(path, config, 0, 4, torch.float32)
     span = GemmaFamily().load_span(path, config, 0, 2, torch.float32)
     hidden = torch.randn(1, 3, config.hidden_size)
-    with pytest.raises(ValueError, match="needs side inputs \\['per_layer_inputs'\\]"):
+    with pytest.raises(ValueError, match="needs per-layer inputs \\['per_layer_inputs'\\]"):
         span(hidden, position_ids=torch.arange(3)[None])
     with pytest.raises(ValueError, match="must be \\[1, 3, 2, 8\\]"):
         span(
             hidden,
             position_ids=torch.arange(3)[None],
-            side_inputs={"per_layer_inputs": torch.zeros(1, 3, 6, 8)},
+            per_layer_inputs={"per_layer_inputs": torch.zeros(1, 3, 6, 8)},
         )

@@ -24,10 +24,10 @@ async def forward(
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor | None,
-    side: Tensors | None = None,
+    per_layer: Tensors | None = None,
 ) -> tuple[torch.Tensor, list[Piece]]:
     """Hidden states through every block; also returns the pieces they ran in (for :func:`backward`)."""
-    base = step_inputs(position_ids, mask, side)
+    base = step_inputs(position_ids, mask, per_layer)
     return await _forward_pieces(swarm, 0, swarm.num_blocks, base, hidden)
 
 
@@ -37,14 +37,14 @@ async def backward(
     grad: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor | None,
-    side: Tensors | None = None,
+    per_layer: Tensors | None = None,
 ) -> tuple[torch.Tensor, Tensors]:
-    """Gradients w.r.t. the input hidden states and the side inputs of a :func:`forward`."""
-    base = step_inputs(position_ids, mask, side)
-    side_grads = {name: torch.zeros_like(t) for name, t in (side or {}).items()}
+    """Gradients w.r.t. the input hidden states and the per-layer inputs of a :func:`forward`."""
+    base = step_inputs(position_ids, mask, per_layer)
+    per_layer_grads = {name: torch.zeros_like(t) for name, t in (per_layer or {}).items()}
     for piece in reversed(pieces):
-        grad = await _backward_piece(swarm, piece, base, grad, side_grads)
-    return grad, side_grads
+        grad = await _backward_piece(swarm, piece, base, grad, per_layer_grads)
+    return grad, per_layer_grads
 
 
 async def _forward_pieces(
@@ -66,10 +66,10 @@ async def _forward_pieces(
 
 
 async def _backward_piece(
-    swarm: SwarmClient, piece: Piece, base: Tensors, grad: torch.Tensor, side_grads: Tensors
+    swarm: SwarmClient, piece: Piece, base: Tensors, grad: torch.Tensor, per_layer_grads: Tensors
 ) -> torch.Tensor:
-    """The gradient w.r.t. a piece's input hidden states (side-input gradients are added to
-    ``side_grads``). If no server hosts the whole piece any more, the piece is re-split: its
+    """The gradient w.r.t. a piece's input hidden states (per-layer-input gradients are added to
+    ``per_layer_grads``). If no server hosts the whole piece any more, the piece is re-split: its
     sub-pieces' inputs are recomputed by a forward pass, then the backward runs through them in reverse."""
     start, end, hidden = piece
     retries = swarm.retries()
@@ -78,7 +78,7 @@ async def _backward_piece(
         if len(hops) > 1:
             _, pieces = await _forward_pieces(swarm, start, end, base, hidden)
             for sub in reversed(pieces):
-                grad = await _backward_piece(swarm, sub, base, grad, side_grads)
+                grad = await _backward_piece(swarm, sub, base, grad, per_layer_grads)
             return grad
         try:
             out = await swarm.call(
@@ -87,6 +87,6 @@ async def _backward_piece(
         except Exception as exc:
             await retries.failed(exc, hops[0].peer)
             continue
-        for name, total in side_grads.items():
+        for name, total in per_layer_grads.items():
             total[:, :, start:end] += out[f"grad.{name}"].to(total.dtype)
         return out["grad"]

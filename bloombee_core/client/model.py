@@ -94,9 +94,9 @@ class InferenceSessionHandle:
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         mask: torch.Tensor | None,
-        side: dict[str, torch.Tensor] | None = None,
+        per_layer: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self.model.loop.run(self.inner.step(hidden, position_ids, mask, side))
+        return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer))
 
     def close(self) -> None:
         self.inner.close()
@@ -105,7 +105,7 @@ class InferenceSessionHandle:
 class _RemoteBlocks(torch.autograd.Function):
     """Stateless forward through the swarm, with backward computed by the servers.
 
-    ``side`` are the family's per-layer side inputs (Gemma 4), in ``names`` order; they get gradients too.
+    ``per_layer`` are the family's per-layer inputs (Gemma 4), in ``names`` order; they get gradients too.
     """
 
     @staticmethod
@@ -116,26 +116,32 @@ class _RemoteBlocks(torch.autograd.Function):
         mask: torch.Tensor | None,
         names: tuple[str, ...],
         hidden: torch.Tensor,
-        *side: torch.Tensor,
+        *per_layer: torch.Tensor,
     ) -> torch.Tensor:
-        given = {n: t.detach() for n, t in zip(names, side, strict=True)}
+        given = {n: t.detach() for n, t in zip(names, per_layer, strict=True)}
         out, pieces = model.loop.run(
             forward_backward.forward(model.swarm, hidden.detach(), position_ids, mask, given)
         )
-        ctx.model, ctx.pieces, ctx.position_ids, ctx.mask, ctx.side = model, pieces, position_ids, mask, given
+        ctx.model, ctx.pieces, ctx.position_ids, ctx.mask, ctx.per_layer = (
+            model,
+            pieces,
+            position_ids,
+            mask,
+            given,
+        )
         ctx.names = names
         return out.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         model = ctx.model
-        grad_in, side_grads = model.loop.run(
+        grad_in, per_layer_grads = model.loop.run(
             forward_backward.backward(
-                model.swarm, ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.side
+                model.swarm, ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.per_layer
             )
         )
-        side_out = tuple(side_grads[n].to(ctx.side[n].dtype) for n in ctx.names)
-        return (None, None, None, None, grad_in.to(grad.dtype), *side_out)
+        per_layer_out = tuple(per_layer_grads[n].to(ctx.per_layer[n].dtype) for n in ctx.names)
+        return (None, None, None, None, grad_in.to(grad.dtype), *per_layer_out)
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -224,7 +230,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = self.client.embed(input_ids)
         else:  # what the transformers model does to given embeddings (BLOOM: its embedding LayerNorm)
             hidden = self.client.hidden_from_embeds(inputs_embeds)
-        side = self.client.side_inputs(input_ids, hidden)  # Gemma 4 per-layer inputs; usually none
+        per_layer = self.client.per_layer_inputs(input_ids, hidden)  # Gemma 4 per-layer inputs; usually none
         batch, length = hidden.shape[:2]
         session = cache.session if isinstance(cache, RemoteCache) else self._session
         past = session.position if session is not None else 0
@@ -243,11 +249,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids = position_ids.to(torch.int64)
         if session is not None:
             with torch.no_grad():
-                detached = {name: t.detach() for name, t in side.items()}
+                detached = {name: t.detach() for name, t in per_layer.items()}
                 out = session.step(hidden.detach(), position_ids, mask, detached).to(hidden.dtype)
         else:
-            names = tuple(side)
-            out = _RemoteBlocks.apply(self, position_ids, mask, names, hidden, *side.values())
+            names = tuple(per_layer)
+            out = _RemoteBlocks.apply(self, position_ids, mask, names, hidden, *per_layer.values())
         if isinstance(logits_to_keep, int):
             kept = out[:, -logits_to_keep:, :] if logits_to_keep else out
         else:

@@ -67,16 +67,16 @@ async def call(
         stream.close()
 
 
-def step_inputs(position_ids: torch.Tensor, mask: torch.Tensor | None, side: Tensors | None) -> Tensors:
-    """What every hop of one step shares: positions, padding mask, all blocks' side inputs."""
-    tensors = {"position_ids": position_ids.to(torch.int64), **(side or {})}
+def step_inputs(position_ids: torch.Tensor, mask: torch.Tensor | None, per_layer: Tensors | None) -> Tensors:
+    """What every hop of one step shares: positions, padding mask, all blocks' per-layer inputs."""
+    tensors = {"position_ids": position_ids.to(torch.int64), **(per_layer or {})}
     if mask is not None:
         tensors["attention_mask"] = mask.to(torch.int64)
     return tensors
 
 
 def for_blocks(base: Tensors, hidden: torch.Tensor, start: int, end: int | None = None) -> Tensors:
-    """A request's tensors for blocks ``start:end``: side inputs (all blocks' in ``base``) are cut to
+    """A request's tensors for blocks ``start:end``: per-layer inputs (all blocks' in ``base``) are cut to
     those blocks; with ``end=None`` to ``start:`` (a session step: a server pushes later blocks' on)."""
     return {
         name: t if name in _MAIN else t[:, :, start:end] for name, t in {**base, "hidden": hidden}.items()

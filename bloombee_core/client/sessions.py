@@ -172,7 +172,7 @@ class InferenceSession:
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         mask: torch.Tensor | None,
-        side: Tensors | None = None,
+        per_layer: Tensors | None = None,
     ) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("this inference session is closed")
@@ -188,7 +188,7 @@ class InferenceSession:
             )
         if not self.hops:
             self.hops = await self._opened(0, self.client.num_blocks, None)
-        base = step_inputs(position_ids, mask, side)
+        base = step_inputs(position_ids, mask, per_layer)
         index, retries, pushed = 0, self.client.retries(), False
         while index < len(self.hops):
             hop = self.hops[index]
@@ -219,7 +219,7 @@ class InferenceSession:
         while True:
             new = await self._opened(start, end, after)
             try:
-                for inputs in old.history:  # side inputs in it start at the old hop's first block
+                for inputs in old.history:  # per-layer inputs in it start at the old hop's first block
                     hidden = inputs["hidden"]
                     for hop in new:
                         failing = hop

@@ -32,10 +32,12 @@ class ClientPart(nn.Module):
         """Hidden states entering block 0 for user-given ``inputs_embeds``, as the transformers model does."""
         return self.family.hidden_from_embeds(self, embeds)
 
-    def side_inputs(self, input_ids: torch.Tensor | None, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def per_layer_inputs(
+        self, input_ids: torch.Tensor | None, hidden: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per-layer inputs for all blocks, [batch, tokens, num_blocks, size] each (empty for most families).
 
         ``hidden`` is :meth:`embed`'s output for ``input_ids`` (or :meth:`hidden_from_embeds`'s for given
         embeddings, with ``input_ids=None``). Send span ``a:b`` the slice ``[:, :, a:b]``.
         """
-        return self.family.client_side_inputs(self, input_ids, hidden)
+        return self.family.compute_per_layer_inputs(self, input_ids, hidden)

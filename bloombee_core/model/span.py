@@ -91,17 +91,17 @@ class BlockSpan(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: SpanCache | None = None,
-        side_inputs: dict[str, torch.Tensor] | None = None,
+        per_layer_inputs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, length = hidden.shape[:2]
         past = cache.length if cache is not None else 0
         _check_inputs(self, hidden, position_ids, attention_mask, cache, past)
-        side_inputs = _checked_side_inputs(self, hidden, side_inputs or {})
+        per_layer_inputs = _checked_per_layer_inputs(self, hidden, per_layer_inputs or {})
         kv = cache.kv if cache is not None else None
-        inputs = self.family.span_inputs(self, hidden, position_ids, attention_mask, kv)
-        inputs.side = side_inputs
+        context = self.family.layer_context(self, hidden, position_ids, attention_mask, kv)
+        context.per_layer = per_layer_inputs
         for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
-            hidden = self.family.run_layer(self, layer, index, hidden, inputs, kv)
+            hidden = self.family.run_layer(self, layer, index, hidden, context, kv)
         if cache is not None:
             cache.length += length
         return hidden
@@ -137,12 +137,12 @@ def _check_inputs(
             )
 
 
-def _checked_side_inputs(span: BlockSpan, hidden: torch.Tensor, given: dict) -> dict[str, torch.Tensor]:
-    wanted = span.family.side_inputs(span.config)
+def _checked_per_layer_inputs(span: BlockSpan, hidden: torch.Tensor, given: dict) -> dict[str, torch.Tensor]:
+    wanted = span.family.per_layer_input_sizes(span.config)
     if set(given) != set(wanted):
-        raise ValueError(f"this span needs side inputs {sorted(wanted)}, got {sorted(given)}")
+        raise ValueError(f"this span needs per-layer inputs {sorted(wanted)}, got {sorted(given)}")
     for name, size in wanted.items():
         shape = (*hidden.shape[:2], span.end - span.start, size)
         if tuple(given[name].shape) != shape:
-            raise ValueError(f"side input {name!r} must be {list(shape)}, got {list(given[name].shape)}")
+            raise ValueError(f"per-layer input {name!r} must be {list(shape)}, got {list(given[name].shape)}")
     return given

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MAX_POSITION = 1 << 20  # position ids must lie below this
 MAX_STEP = 1 << 31
-# the tensors each kind of request carries, besides the family's side inputs (and an optional mask)
+# the tensors each kind of request carries, besides the family's per-layer inputs (and an optional mask)
 REQUIRED = {
     "forward": ("hidden", "position_ids"),
     "backward": ("hidden", "grad", "position_ids"),
@@ -61,7 +61,9 @@ class SpanChecks:
     end: int
     cuts: frozenset[int]
     hidden_size: int
-    side_sizes: Mapping[str, int]  # per-layer inputs the family needs from the client: name -> feature size
+    per_layer_sizes: Mapping[
+        str, int
+    ]  # per-layer inputs the family needs from the client: name -> feature size
     num_blocks: int  # blocks of the whole model
     limits: Limits
 
@@ -85,7 +87,7 @@ class SpanChecks:
     ) -> dict[str, TensorMeta]:
         """Check the tensor descriptions of a ``kind`` request for blocks ``view`` before any payload is read."""
         by_name = {m.name: m for m in metas}
-        required = (*REQUIRED[kind], *self.side_sizes)
+        required = (*REQUIRED[kind], *self.per_layer_sizes)
         allowed = set(required) | {"attention_mask"}
         if set(by_name) - allowed or len(by_name) != len(metas):
             raise RequestError(f"unexpected tensors {sorted(by_name)}; expected {sorted(allowed)}")
@@ -126,19 +128,19 @@ class SpanChecks:
                     f"attention_mask must be int64 [{b}, past+{t}] with at most {limit} columns, "
                     f"got {mask.dtype} {list(mask.shape)}"
                 )
-        for name, size in self.side_sizes.items():
+        for name, size in self.per_layer_sizes.items():
             # this span's layers first, then (to be pushed on) those of later spans, never past the model
-            side, first, most = by_name[name], view.end - view.start, self.num_blocks - view.start
+            given, first, most = by_name[name], view.end - view.start, self.num_blocks - view.start
             if (
-                not side.dtype.is_floating_point
-                or len(side.shape) != 4
-                or side.shape[:2] != (b, t)
-                or side.shape[3] != size
-                or not first <= side.shape[2] <= most
+                not given.dtype.is_floating_point
+                or len(given.shape) != 4
+                or given.shape[:2] != (b, t)
+                or given.shape[3] != size
+                or not first <= given.shape[2] <= most
             ):
                 raise RequestError(
-                    f"side input {name!r} must be floating point [{b}, {t}, {first}..{most} layers, {size}] "
-                    f"for blocks {view.start}:{view.end}, got {side.dtype} {list(side.shape)}"
+                    f"per-layer input {name!r} must be floating point [{b}, {t}, {first}..{most} layers, {size}] "
+                    f"for blocks {view.start}:{view.end}, got {given.dtype} {list(given.shape)}"
                 )
         return by_name
 

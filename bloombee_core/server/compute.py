@@ -23,8 +23,8 @@ class SpanCompute:
     """Runs requests' tensors through views of one span on ``device`` in ``dtype``; outputs come back to
     the CPU in the dtype the request was sent in."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, side_sizes: dict[str, int]) -> None:
-        self.device, self.dtype, self.side_sizes = device, dtype, side_sizes
+    def __init__(self, device: torch.device, dtype: torch.dtype, per_layer_sizes: dict[str, int]) -> None:
+        self.device, self.dtype, self.per_layer_sizes = device, dtype, per_layer_sizes
 
     def forward(self, view: BlockSpan, t: Tensors) -> Tensors:
         return {"hidden": self._infer(view, None, t)}
@@ -32,12 +32,14 @@ class SpanCompute:
     def backward(self, view: BlockSpan, t: Tensors) -> Tensors:
         with torch.enable_grad():
             hidden = t["hidden"].to(self.device, self.dtype).requires_grad_(True)
-            side = {k: v.requires_grad_(True) for k, v in self._side(view, t).items()}
+            per_layer = {k: v.requires_grad_(True) for k, v in self._per_layer(view, t).items()}
             pos, mask = t["position_ids"].to(self.device), _on(t.get("attention_mask"), self.device)
-            out = view(hidden, position_ids=pos, attention_mask=mask, side_inputs=side)
-            grads = torch.autograd.grad(out, [hidden, *side.values()], t["grad"].to(out.device, out.dtype))
-        # gradients w.r.t. the side inputs this span used (its own layers), named "grad.<name>"
-        names = ["grad", *(f"grad.{k}" for k in side)]
+            out = view(hidden, position_ids=pos, attention_mask=mask, per_layer_inputs=per_layer)
+            grads = torch.autograd.grad(
+                out, [hidden, *per_layer.values()], t["grad"].to(out.device, out.dtype)
+            )
+        # gradients w.r.t. the per-layer inputs this span used (its own layers), named "grad.<name>"
+        names = ["grad", *(f"grad.{k}" for k in per_layer)]
         return {n: g.to("cpu", t["hidden"].dtype) for n, g in zip(names, grads, strict=True)}
 
     def step(self, view: BlockSpan, cache: SpanCache, t: Tensors) -> torch.Tensor:
@@ -52,14 +54,14 @@ class SpanCompute:
                 position_ids=t["position_ids"].to(self.device),
                 attention_mask=_on(t.get("attention_mask"), self.device),
                 cache=cache,
-                side_inputs=self._side(view, t),
+                per_layer_inputs=self._per_layer(view, t),
             )
         return out.to("cpu", hidden.dtype)
 
-    def _side(self, view: BlockSpan, t: Tensors) -> Tensors:
-        """The side inputs of ``view``'s own layers (the first ``end - start`` of what was sent)."""
+    def _per_layer(self, view: BlockSpan, t: Tensors) -> Tensors:
+        """The per-layer inputs of ``view``'s own layers (the first ``end - start`` of what was sent)."""
         n = view.end - view.start
-        return {k: t[k][:, :, :n].to(self.device, self.dtype) for k in self.side_sizes}
+        return {k: t[k][:, :, :n].to(self.device, self.dtype) for k in self.per_layer_sizes}
 
 
 class ComputeThread:

@@ -56,7 +56,7 @@ class Server:
         self.dtype = dtype
         self.device = torch.device(device)
         # per-layer inputs the family needs from the client (Gemma 4): name -> feature size
-        self.side_sizes: dict[str, int] = dict(span.family.side_inputs(span.config))
+        self.per_layer_sizes: dict[str, int] = dict(span.family.per_layer_input_sizes(span.config))
         self.cache_budget, self.cache_used = cache_budget, 0
         self.decoders = wire.compressor_table(compressors)
         self.output_compressor = output_compressor
@@ -68,11 +68,11 @@ class Server:
             end=span.end,
             cuts=frozenset(cuts),
             hidden_size=int(span.config.hidden_size),
-            side_sizes=self.side_sizes,
+            per_layer_sizes=self.per_layer_sizes,
             num_blocks=int(span.family.num_blocks(span.config)),
             limits=self.limits,
         )
-        self.compute = SpanCompute(self.device, dtype, self.side_sizes)
+        self.compute = SpanCompute(self.device, dtype, self.per_layer_sizes)
         self.compute_thread = ComputeThread()
         self.sessions: dict[str, Session] = {}
         self.throughput = 0.0

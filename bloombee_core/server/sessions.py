@@ -253,7 +253,7 @@ async def _push(
     if "attention_mask" in inputs:
         tensors["attention_mask"] = inputs["attention_mask"]
     n = session.span.end - session.span.start
-    for name in server.side_sizes:  # later spans' per-layer inputs travel on with the hidden states
+    for name in server.per_layer_sizes:  # later spans' per-layer inputs travel on with the hidden states
         if inputs[name].shape[2] <= n:
             return False  # the client sent only ours: it must deliver the next server's itself
         tensors[name] = inputs[name][:, :, n:]

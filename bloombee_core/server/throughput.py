@@ -15,14 +15,14 @@ def measure_throughput(span: BlockSpan, dtype: torch.dtype, device: torch.device
     """Tokens per second through ``span`` in batch-1 decoding (one warm-up step, then ``steps`` timed)."""
     hidden = torch.zeros(1, 1, int(span.config.hidden_size), dtype=dtype, device=device)
     n = span.end - span.start
-    side_sizes = span.family.side_inputs(span.config)
-    side = {k: hidden.new_zeros(1, 1, n, size) for k, size in side_sizes.items()}
+    per_layer_sizes = span.family.per_layer_input_sizes(span.config)
+    per_layer = {k: hidden.new_zeros(1, 1, n, size) for k, size in per_layer_sizes.items()}
     cache = span.new_cache(1, steps + 1)
     with torch.inference_mode():
         pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        span(hidden, position_ids=pos, cache=cache, side_inputs=side)
+        span(hidden, position_ids=pos, cache=cache, per_layer_inputs=per_layer)
         begin = time.perf_counter()
         for i in range(steps):
             pos = torch.full((1, 1), i + 1, dtype=torch.long, device=device)
-            span(hidden, position_ids=pos, cache=cache, side_inputs=side)
+            span(hidden, position_ids=pos, cache=cache, per_layer_inputs=per_layer)
     return steps / max(time.perf_counter() - begin, 1e-6)

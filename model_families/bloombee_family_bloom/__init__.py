@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bloombee_core.family import FULL, ModelFamily, SpanInputs, past_length
+from bloombee_core.family import FULL, LayerContext, ModelFamily, past_length
 from bloombee_core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -24,29 +24,29 @@ class BloomFamily(ModelFamily):
     def hidden_from_embeds(self, client: ClientPart, embeds: torch.Tensor) -> torch.Tensor:
         return client.model.transformer.word_embeddings_layernorm(embeds)
 
-    def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+    def layer_context(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> LayerContext:
         import torch
         from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
         # BLOOM ignores position ids: the ALiBi bias is built from the padding mask (or the key length)
-        inputs = super().span_inputs(span, hidden, None, attention_mask, kv)
+        context = super().layer_context(span, hidden, None, attention_mask, kv)
         heads, batch = span.config.n_head, hidden.shape[0]
         if attention_mask is None:
             keys = past_length(span, kv) + hidden.shape[1]
             ones = torch.ones(1, keys, dtype=torch.long, device=hidden.device)
             slopes = build_alibi_tensor(ones, heads, hidden.dtype)
-            inputs.extra["alibi"] = slopes.repeat(batch, 1, 1)
+            context.extra["alibi"] = slopes.repeat(batch, 1, 1)
         else:
-            inputs.extra["alibi"] = build_alibi_tensor(attention_mask, heads, dtype=hidden.dtype)
-        return inputs
+            context.extra["alibi"] = build_alibi_tensor(attention_mask, heads, dtype=hidden.dtype)
+        return context
 
-    def run_layer(self, span, layer, index: int, hidden, inputs: SpanInputs, kv: Any) -> torch.Tensor:
+    def run_layer(self, span, layer, index: int, hidden, context: LayerContext, kv: Any) -> torch.Tensor:
         return layer(
             hidden,
             layer_past=kv,
-            attention_mask=inputs.masks[FULL],
+            attention_mask=context.masks[FULL],
             use_cache=kv is not None,
-            alibi=inputs.extra["alibi"],
+            alibi=context.extra["alibi"],
         )[0]
 
 

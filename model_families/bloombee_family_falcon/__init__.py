@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from bloombee_core.family import FULL, ModelFamily, SpanInputs, past_length
+from bloombee_core.family import FULL, LayerContext, ModelFamily, past_length
 from bloombee_core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -28,13 +28,13 @@ class FalconFamily(ModelFamily):
             return config.num_kv_heads, head_dim
         return (1 if config.multi_query else config.num_attention_heads), head_dim
 
-    def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+    def layer_context(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> LayerContext:
         import torch
         from transformers.masking_utils import create_causal_mask
         from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
         config = span.config
-        inputs = SpanInputs(position_ids=position_ids)
+        context = LayerContext(position_ids=position_ids)
         # Falcon always materialises the mask so the ALiBi bias can be folded into it
         mask = create_causal_mask(
             config=config,
@@ -54,20 +54,20 @@ class FalconFamily(ModelFamily):
             alibi = build_alibi_tensor(attention_mask, config.num_attention_heads, dtype=hidden.dtype)
             if mask is not None and mask.ndim == 4:
                 mask = _fold_alibi(mask, alibi, batch, config, hidden.dtype)
-        inputs.masks[FULL] = mask
-        inputs.extra["alibi"] = alibi
-        inputs.position_embeddings[FULL] = span.rotary(hidden, position_ids=position_ids)
-        return inputs
+        context.masks[FULL] = mask
+        context.extra["alibi"] = alibi
+        context.position_embeddings[FULL] = span.rotary(hidden, position_ids=position_ids)
+        return context
 
-    def run_layer(self, span, layer, index: int, hidden, inputs: SpanInputs, kv: Any) -> torch.Tensor:
+    def run_layer(self, span, layer, index: int, hidden, context: LayerContext, kv: Any) -> torch.Tensor:
         return layer(
             hidden,
             layer_past=kv,
-            attention_mask=inputs.masks[FULL],
-            position_ids=inputs.position_ids,
+            attention_mask=context.masks[FULL],
+            position_ids=context.position_ids,
             use_cache=kv is not None,
-            alibi=inputs.extra["alibi"],
-            position_embeddings=inputs.position_embeddings[FULL],
+            alibi=context.extra["alibi"],
+            position_embeddings=context.position_embeddings[FULL],
         )[0]
 
 

@@ -6,7 +6,7 @@ Gemma 3/4 compute one rotary table per layer type (local / global rope), so the 
 Gemma 4 adds two things a span needs from outside its own weights:
 
 * per-layer inputs: the client turns the token ids (and their embeddings) into a small vector per token
-  and per layer, and sends each span the slice for its layers (``side_inputs``);
+  and per layer, and sends each span the slice for its layers (``per_layer_inputs``);
 * KV sharing: the last ``num_kv_shared_layers`` layers reuse the keys/values of the last earlier layer of
   the same type, so a model may not be cut between such a source and its consumers (``allowed_cuts``).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bloombee_core.family import ModelFamily, SpanInputs
+from bloombee_core.family import LayerContext, ModelFamily
 from bloombee_core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class GemmaFamily(ModelFamily):
         layer = config.per_layer_config[index]  # full-attention layers use a wider head
         return layer.num_key_value_heads, layer.head_dim
 
-    def side_inputs(self, config) -> dict[str, int]:
+    def per_layer_input_sizes(self, config) -> dict[str, int]:
         size = (
             getattr(config, "hidden_size_per_layer_input", None)
             if config.model_type == "gemma4_text"
@@ -65,8 +65,10 @@ class GemmaFamily(ModelFamily):
         )
         return {PER_LAYER: size} if size else {}
 
-    def client_side_inputs(self, client: ClientPart, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict:
-        if not self.side_inputs(client.config):
+    def compute_per_layer_inputs(
+        self, client: ClientPart, input_ids: torch.Tensor, hidden: torch.Tensor
+    ) -> dict:
+        if not self.per_layer_input_sizes(client.config):
             return {}
         text_model = client.model.model
         token_part = text_model.get_per_layer_inputs(input_ids, hidden)
@@ -96,25 +98,25 @@ class GemmaFamily(ModelFamily):
                     model._init_weights(module)
         return model
 
-    def span_inputs(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> SpanInputs:
+    def layer_context(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> LayerContext:
         from transformers.cache_utils import KVSharingDict
 
-        inputs = super().span_inputs(span, hidden, position_ids, attention_mask, kv)
-        inputs.extra["shared_kv"] = KVSharingDict()  # filled by source layers, read by consumers, per call
-        return inputs
+        context = super().layer_context(span, hidden, position_ids, attention_mask, kv)
+        context.extra["shared_kv"] = KVSharingDict()  # filled by source layers, read by consumers, per call
+        return context
 
-    def run_layer(self, span, layer, index: int, hidden, inputs: SpanInputs, kv: Any) -> torch.Tensor:
+    def run_layer(self, span, layer, index: int, hidden, context: LayerContext, kv: Any) -> torch.Tensor:
         if span.config.model_type != "gemma4_text":
-            return super().run_layer(span, layer, index, hidden, inputs, kv)
+            return super().run_layer(span, layer, index, hidden, context, kv)
         kind = self.layer_type(span.config, index)
-        per_layer = inputs.side.get(PER_LAYER)
+        per_layer = context.per_layer.get(PER_LAYER)
         return layer(
             hidden,
             per_layer[:, :, index - span.start] if per_layer is not None else None,
-            shared_kv_states=inputs.extra["shared_kv"],
-            position_embeddings=inputs.position_embeddings[kind],
-            attention_mask=inputs.masks[kind],
-            position_ids=inputs.position_ids,
+            shared_kv_states=context.extra["shared_kv"],
+            position_embeddings=context.position_embeddings[kind],
+            attention_mask=context.masks[kind],
+            position_ids=context.position_ids,
             cache=kv,
         )
 
