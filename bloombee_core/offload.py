@@ -42,7 +42,7 @@ class OffloadPlan:
     resident_bytes: int
     streamed_bytes: int
     streamed_units: int
-    hooks: list[Any] = field(default_factory=list, repr=False)
+    torch_hooks: list[Any] = field(default_factory=list, repr=False)  # forward (pre-)hook handles
 
     @property
     def total_bytes(self) -> int:
@@ -232,9 +232,9 @@ def place_span(
         if unit_owners:
             weights = _StreamedWeights(unit_owners, device)
             streamers.append(weights)
-            plan.hooks.append(unit.register_forward_pre_hook(weights.load))
+            plan.torch_hooks.append(unit.register_forward_pre_hook(weights.load))
             # always_call: a forward that raises must still give the device memory back.
-            plan.hooks.append(unit.register_forward_hook(weights.release, always_call=True))
+            plan.torch_hooks.append(unit.register_forward_hook(weights.release, always_call=True))
             plan.streamed_units += 1
     if prefetch and device.type == "cuda" and streamers:
         copy_stream = torch.cuda.Stream(device)
