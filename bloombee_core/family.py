@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
     from transformers import PretrainedConfig
+    from transformers.cache_utils import Cache
 
     from bloombee_core.model import BlockSpan, ClientPart
 
@@ -84,7 +85,7 @@ class LayerContext:
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # client-computed per-layer inputs
 
 
-def past_length(span: BlockSpan, kv: Any) -> int:
+def past_length(span: BlockSpan, kv: Cache | None) -> int:
     """Tokens already in the span's cache. Ask the span's own first layer: layers before it are empty here."""
     return kv.get_seq_length(span.start) if kv is not None else 0
 
@@ -312,7 +313,7 @@ class ModelFamily(Plugin):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        kv: Any,
+        kv: Cache | None,
     ) -> LayerContext:
         """What every layer of ``span`` receives besides hidden states, built once per forward exactly as
         the transformers model builds it for those layers: a mask and rotary tables per layer type."""
@@ -347,7 +348,7 @@ class ModelFamily(Plugin):
         index: int,
         hidden: torch.Tensor,
         context: LayerContext,
-        kv: Any,
+        kv: Cache | None,
     ) -> torch.Tensor:
         """Decoder layer ``index`` of ``span`` applied to ``hidden``; returns the new hidden states."""
         kind = self.layer_type(span.config, index)
@@ -361,7 +362,7 @@ class ModelFamily(Plugin):
         )
         return out[0] if isinstance(out, tuple) else out
 
-    def new_kv(self, config: PretrainedConfig) -> Any:
+    def new_kv(self, config: PretrainedConfig) -> Cache:
         """An empty KV cache for one session: a transformers ``Cache`` indexed by global layer number."""
         from transformers import DynamicCache
 

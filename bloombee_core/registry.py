@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from pydantic import ValidationError
@@ -21,6 +21,12 @@ from pydantic import ValidationError
 from bloombee_core import hookspecs
 from bloombee_core.errors import ConfigError, PluginError, dotted
 from bloombee_core.plugin import Plugin
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from bloombee_core.family import ModelFamily
+    from bloombee_core.settings import PluginChoice
 
 logger = logging.getLogger("bloombee")
 
@@ -117,7 +123,7 @@ class PluginSet:
             raise ConfigError(key, f"unknown {KINDS[kind].noun} {name!r}; installed: {installed}")
         return known[name].cls
 
-    def create(self, kind: str, choice: str | Mapping[str, Any] | Any, key: str = "") -> Any:
+    def create(self, kind: str, choice: str | Mapping[str, Any] | PluginChoice, key: str = "") -> Any:
         """Instantiate a plugin from a name or ``{"name": ..., **options}``, validating its options."""
         if isinstance(choice, str):
             name, options = choice, {}
@@ -146,7 +152,7 @@ class PluginSet:
                 continue
         return out
 
-    def family_for(self, config: Any, name: str | None = None) -> Any:
+    def family_for(self, config: PretrainedConfig, name: str | None = None) -> ModelFamily:
         """The model-family adapter serving ``config.model_type`` (or the family called ``name``)."""
         if name:
             return self.create("model_families", name, "model.family")
@@ -253,7 +259,11 @@ def _check_class(cls: object, base: type, kind: Kind) -> None:
         raise TypeError(f"{cls.__qualname__} has no `name` (a non-empty string)")
 
 
-def _reject_unknown_hooks(pm: pluggy.PluginManager, origins: dict[str, tuple], fail: Any) -> None:
+def _reject_unknown_hooks(
+    pm: pluggy.PluginManager,
+    origins: dict[str, tuple],
+    fail: Callable[[str, str | None, BaseException], None],
+) -> None:
     """Like ``pm.check_pending()``, but a misnamed hook only takes down its own plugin."""
     for hook_name in list(vars(pm.hook)):
         if hook_name.startswith("_"):

@@ -14,7 +14,7 @@ import importlib.resources
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -27,6 +27,9 @@ from pydantic_settings import (
 from bloombee_core.about import DEFAULT_MODEL
 from bloombee_core.dtypes import DtypeName
 from bloombee_core.errors import ConfigError, dotted
+
+if TYPE_CHECKING:
+    from bloombee_core.registry import PluginSet
 
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bloombee_toml_path", default=None)
 
@@ -303,7 +306,7 @@ def plugin_choices(
     return found
 
 
-def check_plugin_choices(settings: BaseModel, plugins: Any) -> None:
+def check_plugin_choices(settings: BaseModel, plugins: PluginSet) -> None:
     """Validate each chosen plugin's name and options (and ``model.family``) against the installed plugins."""
     for kind, key, chosen in plugin_choices(settings):
         plugins.create(kind, chosen, key)

@@ -10,6 +10,7 @@ get an equal share of torch threads unless ``server.threads`` says otherwise.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -119,6 +120,9 @@ class Stack:
         # compute-heavy processes on this machine: the servers and the client job
         self.threads = thread_share(len(settings.server) + (settings.job.kind == "generate"))
         self.log_dir = Path(self._logs.name)
+        # Children run in their own process groups, so nothing else would stop them if the program that
+        # built this stack ends without closing it: close it at exit (unregistered by close()).
+        atexit.register(self.close)
 
     def __enter__(self) -> Stack:
         return self
@@ -212,6 +216,7 @@ class Stack:
         return 0
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         for child in self.children:  # all at once: each takes a few seconds to leave the DHT
             child.terminate()
         for child in reversed(self.children):

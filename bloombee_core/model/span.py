@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from bloombee_core.family import SLIDING, span_problem
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+    from transformers.cache_utils import Cache
 
     from bloombee_core.family import ModelFamily
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 class SpanCache:
     """A session's KV cache for one span. Wraps a transformers ``Cache`` indexed by global layer number."""
 
-    def __init__(self, kv: Any, batch_size: int, max_length: int, layer_indices: Iterable[int]) -> None:
+    def __init__(self, kv: Cache, batch_size: int, max_length: int, layer_indices: Iterable[int]) -> None:
         self.kv = kv
         self.batch_size = batch_size
         self.max_length = max_length

@@ -18,16 +18,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bloombee_core.transport import Transport
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MODELS_KEY = "bloombee.models"
 # config keys that differ between copies of one model (where it was saved, by which version, in what dtype)
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "_commit_hash", "architectures"}
 
 
-def model_key(config: Any, folder: str | Path | None = None) -> str:
+def model_key(config: PretrainedConfig, folder: str | Path | None = None) -> str:
     """``<model_type>-<hash>`` of the config and, given the checkpoint folder, a fingerprint of its
     weights: two checkpoints with one config but different weights must never meet under one key."""
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
