@@ -181,7 +181,7 @@ class Stack:
         info = child.wait_ready()
         threads = info.get("threads", "?")
         _say(
-            f"{child.name}: blocks {info['start']}:{info['end']} as {info['peer']} ({threads} torch threads)"
+            f"{child.name}: blocks {info['start']}:{info['end']} as {info['peer']} (torch threads: {threads})"
         )
 
     def run(self) -> int:

@@ -174,7 +174,7 @@ def test_bloombee_run_with_a_config_file(tmp_path, tiny_with_tokenizer):
     assert "server-1: blocks 1:3" in result.stderr  # it chose the blocks nobody served
     # three compute-heavy processes (two servers, the client) share this machine's cores
     share = max(1, (os.cpu_count() or 1) // 3)
-    assert result.stderr.count(f"({share} torch threads)") == 2, result.stderr
+    assert result.stderr.count(f"(torch threads: {share})") == 2, result.stderr
     assert result.stdout.strip() == reference_reply(tiny_with_tokenizer, 6)
 
 
