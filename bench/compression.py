@@ -34,24 +34,24 @@ def hidden_states(model_key: str, tokens: int) -> torch.Tensor:
     return torch.cat(outputs.hidden_states[1:], dim=0)  # drop the embeddings: servers send block outputs
 
 
-def measure(codec: Compressor, messages: list[torch.Tensor], repeats: int) -> tuple[float, float, float]:
+def measure(compressor: Compressor, messages: list[torch.Tensor], repeats: int) -> tuple[float, float, float]:
     """(ratio, encode MB/s, decode MB/s) over ``messages``; speeds are medians of ``repeats`` passes."""
     raw = sum(m.numel() * m.element_size() for m in messages)
-    payloads = [codec.encode(m) for m in messages]
+    payloads = [compressor.encode(m) for m in messages]
     for message, payload in zip(messages, payloads, strict=True):
-        restored = codec.decode(payload, message.dtype, tuple(message.shape))
+        restored = compressor.decode(payload, message.dtype, tuple(message.shape))
         assert torch.equal(restored.view(torch.uint8), message.view(torch.uint8)), (
-            f"{codec.name} is not lossless"
+            f"{compressor.name} is not lossless"
         )
     encode, decode = [], []
     for _ in range(repeats):
         started = time.perf_counter()
         for message in messages:
-            codec.encode(message)
+            compressor.encode(message)
         encode.append(time.perf_counter() - started)
         started = time.perf_counter()
         for message, payload in zip(messages, payloads, strict=True):
-            codec.decode(payload, message.dtype, tuple(message.shape))
+            compressor.decode(payload, message.dtype, tuple(message.shape))
         decode.append(time.perf_counter() - started)
     ratio = sum(len(p) for p in payloads) / raw
     return ratio, raw / statistics.median(encode) / 1e6, raw / statistics.median(decode) / 1e6
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     states = hidden_states(args.model, args.tokens)
     blocks, _, hidden = states.shape
     plugins = load_plugins()
-    codecs = [plugins.create("compressors", name) for name in args.compressors]
+    compressors = [plugins.create("compressors", name) for name in args.compressors]
     print(f"model {args.model}: {blocks} blocks, hidden {hidden}; one message per block output")
     header = f"{'message':>18} {'dtype':>9} {'compressor':>15} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9} {'pays below':>12}"
     print(header)
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, sliced in [(f"prefill {args.tokens} tok", states), ("decode 1 tok", states[:, -1:])]:
         for dtype in (torch.bfloat16, torch.float32):
             messages = [block[None].to(dtype).contiguous() for block in sliced]
-            for codec in codecs:
-                ratio, enc, dec = measure(codec, messages, args.repeats)
+            for compressor in compressors:
+                ratio, enc, dec = measure(compressor, messages, args.repeats)
                 pays = break_even_mbit(ratio, enc, dec)
                 pays_text = f"{pays:8.0f} Mbit" if pays else "never"
                 print(
-                    f"{label:>18} {str(dtype)[6:]:>9} {codec.name:>15} {ratio:6.3f} {enc:9.0f} {dec:9.0f} {pays_text:>12}"
+                    f"{label:>18} {str(dtype)[6:]:>9} {compressor.name:>15} {ratio:6.3f} {enc:9.0f} {dec:9.0f} {pays_text:>12}"
                 )
     return 0
 

@@ -2,7 +2,7 @@
 
 A compressor turns a tensor's raw bytes into a wire payload and back. The receiver always knows
 the dtype and shape from the (validated) message header, so a payload carries no metadata of its
-own beyond what the codec needs. Decoding is the dangerous direction — the payload comes from the
+own beyond what the compressor needs. Decoding is the dangerous direction — the payload comes from the
 network — so :meth:`Compressor.decode` implementations must never produce (or allocate) more than
 ``prod(shape) * itemsize`` bytes, whatever the payload claims.
 """

@@ -24,10 +24,10 @@ def test_hook_bloombee_register_compressors() -> None:
     plugins = load_plugins()
     hidden = torch.randn(2, 3, 16).to(torch.bfloat16)
     for name in ("none", "lz4", "zstd", "zstd-bytesplit"):
-        codec = plugins.create("compressors", name)
-        assert torch.equal(codec.decode(codec.encode(hidden), hidden.dtype, tuple(hidden.shape)), hidden), (
-            name
-        )
+        compressor = plugins.create("compressors", name)
+        assert torch.equal(
+            compressor.decode(compressor.encode(hidden), hidden.dtype, tuple(hidden.shape)), hidden
+        ), name
 
 
 def test_hook_bloombee_register_offload_policies() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bloombee_compress.codecs import (
+from bloombee_compress.compressors import (
     BUILTIN_COMPRESSORS,
     Lz4Compressor,
     ZstdByteSplitCompressor,
