@@ -15,14 +15,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from bloombee_core.errors import BloombeeError, ConfigError
 from bloombee_core.registry import PluginSet
 from bloombee_core.settings import BootstrapJob, ClientJob, ServerJob, check_plugin_choices, settings_error
 
 READY = "bloombee-ready"
-JOBS: dict[str, type[BaseModel]] = {"bootstrap": BootstrapJob, "server": ServerJob}
+JOBS: dict[str, type[BootstrapJob | ServerJob]] = {"bootstrap": BootstrapJob, "server": ServerJob}
 
 
 def ready_line(role: str, info: dict[str, Any]) -> str:
@@ -53,8 +53,8 @@ def announcer(role: str) -> Callable[[dict[str, Any]], None]:
     return announce
 
 
-def run_role(role: str, job: BaseModel) -> int:
-    """Run ``role`` in the foreground until SIGTERM / SIGINT."""
+def run_role(job: BootstrapJob | ServerJob) -> int:
+    """Run the role ``job`` describes in the foreground until SIGTERM / SIGINT."""
     from bloombee_core.registry import load_plugins
 
     plugins = load_plugins(strict=job.plugins.strict)
@@ -62,11 +62,10 @@ def run_role(role: str, job: BaseModel) -> int:
     if isinstance(job, ServerJob):
         from bloombee_core.server.process import serve_forever
 
-        return serve_forever(job, plugins, announcer(role))
+        return serve_forever(job, plugins, announcer("server"))
     from bloombee_core.server.bootstrap import run_bootstrap
 
-    assert isinstance(job, BootstrapJob)
-    return run_bootstrap(job, plugins, announcer(role))
+    return run_bootstrap(job, plugins, announcer("bootstrap"))
 
 
 def run_generate(job: ClientJob, plugins: PluginSet, threads: int | None = None) -> str:
@@ -101,11 +100,10 @@ def main(argv: Sequence[str]) -> int:
         return 2
     role = argv[0]
     try:
-        job = JOBS[role].model_validate_json(sys.stdin.read())
-        return run_role(role, job)
+        return run_role(JOBS[role].model_validate_json(sys.stdin.read()))
     except ValidationError as exc:
         print(f"error: {settings_error(exc)}", file=sys.stderr)
-    except (BloombeeError, ConfigError) as exc:
+    except BloombeeError as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 2
 

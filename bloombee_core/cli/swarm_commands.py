@@ -60,14 +60,14 @@ def _swarm(p: argparse.ArgumentParser) -> None:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from bloombee_core.roles import run_role
 
-    return run_role("bootstrap", settings_from_flags(args, BootstrapJob))
+    return run_role(settings_from_flags(args, BootstrapJob))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bloombee_core.roles import run_role
 
     job = settings_from_flags(args, ServerJob, {"model": {"path": args.model}})
-    return run_role("server", job)
+    return run_role(job)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
