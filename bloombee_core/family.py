@@ -33,7 +33,7 @@ The override points, by concern:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from operator import attrgetter
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from transformers.cache_utils import Cache
 
     from bloombee_core.model import BlockSpan, ClientPart
+    from bloombee_core.model.tree import TreeAttention
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -83,6 +84,20 @@ class LayerContext:
     position_embeddings: dict[str, Any] = field(default_factory=dict)  # layer type -> (cos, sin)
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. ALiBi)
     per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # client-computed per-layer inputs
+
+
+def alibi_at(
+    build_alibi_tensor: Callable, positions: torch.Tensor, heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The model's own ALiBi bias [batch * heads, 1, keys] for keys at ``positions`` [batch, keys] (the
+    positions of a token tree's nodes repeat and are not a running count of the mask, so the model's
+    ``build_alibi_tensor`` is evaluated on 0..max and read at each key's position: the same numbers)."""
+    import torch
+
+    batch, keys = positions.shape
+    ones = torch.ones(1, int(positions.max()) + 1, dtype=torch.long, device=positions.device)
+    table = build_alibi_tensor(ones, heads, dtype)[:, 0, :]  # [heads, positions]
+    return table[:, positions.clamp(min=0)].permute(1, 0, 2).reshape(batch * heads, 1, keys)
 
 
 def past_length(span: BlockSpan, kv: Cache | None) -> int:
@@ -314,9 +329,13 @@ class ModelFamily(Plugin):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         kv: Cache | None,
+        tree: TreeAttention | None = None,
     ) -> LayerContext:
         """What every layer of ``span`` receives besides hidden states, built once per forward exactly as
-        the transformers model builds it for those layers: a mask and rotary tables per layer type."""
+        the transformers model builds it for those layers: a mask and rotary tables per layer type.
+
+        With ``tree`` (a token-tree step, or any step of a session made for trees) the masks come from
+        its visibility instead (:meth:`TreeAttention.mask`); positions are the given ``position_ids``."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         context = LayerContext(position_ids=position_ids)
@@ -325,15 +344,19 @@ class ModelFamily(Plugin):
             if self.owns_kv(span.config, index):
                 first_of_type.setdefault(self.layer_type(span.config, index), index)
         for kind, index in first_of_type.items():
-            make_mask = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
-            context.masks[kind] = make_mask(
-                config=span.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                cache=kv,
-                position_ids=position_ids,
-                layer_idx=index,
-            )
+            if tree is not None:
+                window = span.config.sliding_window if kind == SLIDING else None
+                context.masks[kind] = tree.mask(span.config, hidden.dtype, window)
+            else:
+                make_mask = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+                context.masks[kind] = make_mask(
+                    config=span.config,
+                    inputs_embeds=hidden,
+                    attention_mask=attention_mask,
+                    cache=kv,
+                    position_ids=position_ids,
+                    layer_idx=index,
+                )
             if span.rotary is not None:
                 if self.rotary_takes_layer_type(span.config):
                     context.position_embeddings[kind] = span.rotary(hidden, position_ids, kind)

@@ -73,9 +73,9 @@ class RemoteCache(Cache):
 class InferenceSessionHandle:
     """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int, trees: bool = False) -> None:
         self.model = model
-        self.inner = InferenceSession(model.swarm, max_length)
+        self.inner = InferenceSession(model.swarm, max_length, trees)
 
     @property
     def position(self) -> int:
@@ -95,8 +95,29 @@ class InferenceSessionHandle:
         position_ids: torch.Tensor,
         mask: torch.Tensor | None,
         per_layer: dict[str, torch.Tensor] | None = None,
+        tree: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer))
+        """Hidden states through every block (see :meth:`InferenceSession.step` for ``tree`` and ``keep``)."""
+        return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer, tree, keep))
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        tree: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tokens in, logits out, through the session: [batch, tokens, vocab]. What speculative decoding
+        runs each round (a token tree and the previous round's accepted rows)."""
+        client = self.model.client
+        hidden = client.embed(input_ids)
+        per_layer = client.per_layer_inputs(input_ids, hidden)
+        mask = attention_mask.to(torch.int64) if attention_mask is not None else None
+        out = self.step(hidden, position_ids.to(torch.int64), mask, per_layer, tree, keep)
+        return client.logits(out.to(hidden.dtype))
 
     def close(self) -> None:
         self.inner.close()
@@ -158,11 +179,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _can_set_experts_implementation_cached_value = True
 
     def __init__(
-        self, config: PretrainedConfig, client: ClientPart, swarm: SwarmClient, membership: SwarmMembership
+        self,
+        config: PretrainedConfig,
+        client: ClientPart,
+        swarm: SwarmClient,
+        membership: SwarmMembership,
+        folder: Path | None = None,
+        plugins: PluginSet | None = None,
     ) -> None:
         super().__init__(config)
         self.client = client
         self.swarm = swarm
+        self.folder = folder  # the local checkpoint folder (drafters load from it)
+        self.plugins = plugins  # the registries it was loaded with (strategies pick drafters there)
         self.loop = membership.loop
         self._membership = membership
         self._session: InferenceSessionHandle | None = None
@@ -177,11 +206,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         pass
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[InferenceSessionHandle]:
-        """Keep server-side KV caches for up to ``max_length`` tokens across ``generate``/forward calls."""
+    def inference_session(self, max_length: int, trees: bool = False) -> Iterator[InferenceSessionHandle]:
+        """Keep server-side KV caches for up to ``max_length`` tokens across ``generate``/forward calls;
+        with ``trees``, steps may be token trees (speculative decoding)."""
         if self._session is not None:
             raise RuntimeError("an inference session is already active on this model")
-        session = InferenceSessionHandle(self, max_length)
+        session = InferenceSessionHandle(self, max_length, trees)
         self._session = session
         try:
             yield session
@@ -309,7 +339,9 @@ class AutoDistributedModelForCausalLM:
             swarm = _swarm_client(
                 config, folder, adapter, transport, plugins, compressor, timeout, max_retries
             )
-            model = DistributedModelForCausalLM(copy.deepcopy(config), client_part, swarm, membership)
+            model = DistributedModelForCausalLM(
+                copy.deepcopy(config), client_part, swarm, membership, folder, plugins
+            )
         except BaseException:
             membership.close()  # leave the swarm again: no DHT process or p2pd may outlive a failed load
             raise

@@ -13,7 +13,8 @@ from bloombee_core.swarm import wire
 from bloombee_core.transport import FrameStream, Transport, TransportError
 
 Tensors = dict[str, torch.Tensor]
-_MAIN = ("hidden", "position_ids", "attention_mask", "grad")
+# tensors every hop gets whole; the others are per-layer inputs, cut to each hop's blocks
+_MAIN = ("hidden", "position_ids", "attention_mask", "grad", "tree", "keep")
 
 
 class RemoteError(RuntimeError):
@@ -67,11 +68,19 @@ async def call(
         stream.close()
 
 
-def step_inputs(position_ids: torch.Tensor, mask: torch.Tensor | None, per_layer: Tensors | None) -> Tensors:
-    """What every hop of one step shares: positions, padding mask, all blocks' per-layer inputs."""
+def step_inputs(
+    position_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    per_layer: Tensors | None,
+    tree: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> Tensors:
+    """What every hop of one step shares: positions, padding mask, all blocks' per-layer inputs, and in
+    a session opened for trees the token tree and the rows of the previous step to keep."""
     tensors = {"position_ids": position_ids.to(torch.int64), **(per_layer or {})}
-    if mask is not None:
-        tensors["attention_mask"] = mask.to(torch.int64)
+    for name, value in (("attention_mask", mask), ("tree", tree), ("keep", keep)):
+        if value is not None:
+            tensors[name] = value.to(torch.int64)
     return tensors
 
 

@@ -49,7 +49,9 @@ class HopSession:
     def push_ref(self) -> PushRef:
         return {"peer": self.hop.peer, "session_id": self.id}
 
-    async def open(self, client: SwarmClient, batch: int, max_length: int, push: PushRef | None) -> None:
+    async def open(
+        self, client: SwarmClient, batch: int, max_length: int, push: PushRef | None, trees: bool = False
+    ) -> None:
         self.stream = await client.transport.connect(self.hop.peer, wire.PROTOCOL)
         header = {
             "type": "open",
@@ -60,6 +62,8 @@ class HopSession:
             "max_length": max_length,
             "push": push,
         }
+        if trees:
+            header["trees"] = True
         # No round trip of its own: the first step follows at once, and the open's reply (an error if
         # the server refuses, e.g. busy) is read just before that step's reply.
         await wire.send(self.stream, header)
@@ -138,12 +142,14 @@ class HopSession:
 class InferenceSession:
     """A chain of server sessions that keep KV caches across steps (see the module docstring)."""
 
-    def __init__(self, client: SwarmClient, max_length: int) -> None:
+    def __init__(self, client: SwarmClient, max_length: int, trees: bool = False) -> None:
         self.client = client
         self.max_length = max_length
+        self.trees = trees  # steps may be token trees (speculative decoding), the servers keep all rows
         self.batch: int | None = None
         self.hops: list[HopSession] = []
-        self.position = 0  # tokens processed so far
+        self.position = 0  # tokens the servers' caches hold
+        self.last_tokens = 0  # tokens of the last step (what a keep picks from)
         self.closed = False
 
     @property
@@ -154,7 +160,10 @@ class InferenceSession:
         hops = [HopSession(h) for h in await self.client.route(start, end)]
         pushes = [h.push_ref() for h in hops[1:]] + [after.push_ref() if after else None]
         opened = await asyncio.gather(
-            *(h.open(self.client, self.batch, self.max_length, p) for h, p in zip(hops, pushes, strict=True)),
+            *(
+                h.open(self.client, self.batch, self.max_length, p, self.trees)
+                for h, p in zip(hops, pushes, strict=True)
+            ),
             return_exceptions=True,
         )
         failures = [(h, r) for h, r in zip(hops, opened, strict=True) if isinstance(r, BaseException)]
@@ -173,22 +182,34 @@ class InferenceSession:
         position_ids: torch.Tensor,
         mask: torch.Tensor | None,
         per_layer: Tensors | None = None,
+        tree: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One step through every hop. In a session opened with ``trees``, ``tree`` [batch, tokens] gives
+        each new token's parent (-1: the cached prefix) and ``keep`` [batch, kept] the rows of the
+        previous step each sequence keeps (its accepted path); the rest of that step is dropped first."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
+        if not self.trees and (tree is not None or keep is not None):
+            raise ValueError("token trees need a session opened for them: inference_session(..., trees=True)")
         batch, length = hidden.shape[:2]
+        position = self.position
+        if keep is not None:
+            if keep.shape[1] > self.last_tokens:
+                raise ValueError(f"keep picks {keep.shape[1]} rows of a step of {self.last_tokens} tokens")
+            position += keep.shape[1] - self.last_tokens
         if self.batch is None:
             self.batch = batch
         elif batch != self.batch:
             raise ValueError(f"this inference session runs batch size {self.batch}, got {batch}")
-        if self.position + length > self.max_length:
+        if position + length > self.max_length:
             raise ValueError(
-                f"the session was opened for max_length={self.max_length} tokens; {self.position} are used and "
+                f"the session was opened for max_length={self.max_length} tokens; {position} are used and "
                 f"{length} more were given. Open inference_session(max_length=...) with a larger limit"
             )
         if not self.hops:
             self.hops = await self._opened(0, self.client.num_blocks, None)
-        base = step_inputs(position_ids, mask, per_layer)
+        base = step_inputs(position_ids, mask, per_layer, tree, keep)
         index, retries, pushed = 0, self.client.retries(), False
         while index < len(self.hops):
             hop = self.hops[index]
@@ -206,7 +227,7 @@ class InferenceSession:
             pushed = bool(head.get("pushed")) and index + 1 < len(self.hops)
             hidden = out
             index += 1
-        self.position += length
+        self.position, self.last_tokens = position + length, length
         return hidden
 
     async def _replace(self, index: int) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bloombee_core.family import SLIDING, span_problem
+from bloombee_core.model.tree import tree_attention, valid_parents
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -18,23 +19,46 @@ if TYPE_CHECKING:
 
 
 class SpanCache:
-    """A session's KV cache for one span. Wraps a transformers ``Cache`` indexed by global layer number."""
+    """A session's KV cache for one span. Wraps a transformers ``Cache`` indexed by global layer number.
 
-    def __init__(self, kv: Cache, batch_size: int, max_length: int, layer_indices: Iterable[int]) -> None:
+    A cache made for token trees (``trees=True``) keeps every token in every layer, sliding ones too (the
+    window is applied by the mask), so that :meth:`keep` can drop a rejected branch and still hold what
+    the next step's window needs.
+    """
+
+    def __init__(
+        self, kv: Cache, batch_size: int, max_length: int, layer_indices: Iterable[int], trees: bool = False
+    ) -> None:
         self.kv = kv
         self.batch_size = batch_size
         self.max_length = max_length
         self.layer_indices = list(layer_indices)
+        self.trees = trees
         self.length = 0  # tokens already cached
 
+    def _tensors(self) -> list[object]:
+        """The cache layers of this span that hold keys and values."""
+        layers = [self.kv.layers[i] for i in self.layer_indices if i < len(self.kv.layers)]
+        return [layer for layer in layers if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+
     def nbytes(self) -> int:
-        total = 0
-        for i in self.layer_indices:
-            layer = self.kv.layers[i]
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        return sum(
+            t.numel() * t.element_size() for layer in self._tensors() for t in (layer.keys, layer.values)
+        )
+
+    def keep(self, rows: torch.Tensor, last: int) -> None:
+        """Of the last ``last`` cached tokens keep, for each sequence ``b``, those at ``rows[b]`` (in that
+        order) and drop the others: the rejected branches of a token tree."""
+        base = self.length - last
+        for layer in self._tensors():
+            if layer.keys.numel() == 0:
+                continue
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            index = (rows.to(layer.keys.device) + base)[:, None, :, None].expand(-1, heads, -1, dim)
+            layer.keys = torch.cat([layer.keys[:, :, :base], layer.keys.gather(2, index)], dim=2)
+            index = index[..., :1].expand(-1, -1, -1, layer.values.shape[3])
+            layer.values = torch.cat([layer.values[:, :, :base], layer.values.gather(2, index)], dim=2)
+        self.length = base + rows.shape[1]
 
 
 class BlockSpan(nn.Module):
@@ -69,10 +93,16 @@ class BlockSpan(nn.Module):
         layers = list(self.layers)[start - self.start : end - self.start]
         return BlockSpan(self.family, self.config, start, end, layers, self.rotary)
 
-    def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
-        return SpanCache(self.family.new_kv(self.config), batch_size, max_length, range(self.start, self.end))
+    def new_cache(self, batch_size: int, max_length: int, trees: bool = False) -> SpanCache:
+        """An empty KV cache for a session; ``trees``: one that token trees may be verified against."""
+        kv = self.family.new_kv(self.config)
+        if trees:  # every layer keeps every token (see SpanCache)
+            from transformers.cache_utils import DynamicLayer
 
-    def cache_bytes(self, batch_size: int, max_length: int) -> int:
+            kv.layers = [DynamicLayer() if type(layer) is not DynamicLayer else layer for layer in kv.layers]
+        return SpanCache(kv, batch_size, max_length, range(self.start, self.end), trees)
+
+    def cache_bytes(self, batch_size: int, max_length: int, trees: bool = False) -> int:
         itemsize = next(self.layers.parameters()).element_size()
         total = 0
         for index in range(self.start, self.end):
@@ -80,7 +110,11 @@ class BlockSpan(nn.Module):
                 continue
             kv_heads, head_dim = self.family.kv_shape(self.config, index)
             length = max_length
-            if self.family.layer_type(self.config, index) == SLIDING and self.config.sliding_window:
+            if (
+                not trees
+                and self.family.layer_type(self.config, index) == SLIDING
+                and self.config.sliding_window
+            ):
                 length = min(max_length, self.config.sliding_window)
             total += 2 * batch_size * kv_heads * head_dim * length * itemsize
         return total
@@ -93,13 +127,24 @@ class BlockSpan(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: SpanCache | None = None,
         per_layer_inputs: dict[str, torch.Tensor] | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Run the span. ``tree`` [batch, tokens] makes the new tokens a token tree (each one's parent
+        index, ``-1`` for the cached prefix; see :mod:`bloombee_core.model.tree`); a cache made for trees
+        treats every step that way (a plain step is a chain)."""
         batch, length = hidden.shape[:2]
         past = cache.length if cache is not None else 0
         _check_inputs(self, hidden, position_ids, attention_mask, cache, past)
         per_layer_inputs = _checked_per_layer_inputs(self, hidden, per_layer_inputs or {})
         kv = cache.kv if cache is not None else None
-        context = self.family.layer_context(self, hidden, position_ids, attention_mask, kv)
+        attention = None
+        if tree is not None or (cache is not None and cache.trees):
+            if tree is not None and (tuple(tree.shape) != (batch, length) or not valid_parents(tree)):
+                raise ValueError(
+                    f"tree must be [{batch}, {length}] parent indices, each -1 or an earlier index"
+                )
+            attention = tree_attention(position_ids, attention_mask, tree, past)
+        context = self.family.layer_context(self, hidden, position_ids, attention_mask, kv, attention)
         context.per_layer = per_layer_inputs
         for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
             hidden = self.family.run_layer(self, layer, index, hidden, context, kv)

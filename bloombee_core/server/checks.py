@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bloombee_core.family import span_problem
+from bloombee_core.model.tree import valid_keep, valid_parents
 from bloombee_core.swarm.wire import TensorMeta
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 MAX_POSITION = 1 << 20  # position ids must lie below this
 MAX_STEP = 1 << 31
 # the tensors each kind of request carries, besides the family's per-layer inputs (and an optional mask)
+# a step may also carry a token tree ("tree": parent indices) and the rows to keep of the step before it
+TREE_TENSORS = ("tree", "keep")
 REQUIRED = {
     "forward": ("hidden", "position_ids"),
     "backward": ("hidden", "grad", "position_ids"),
@@ -36,6 +39,7 @@ class Limits:
     max_tensor_bytes: int = 256 << 20
     max_sessions: int = 256
     max_pending_steps: int = 8
+    max_tree_tokens: int = 256  # tokens of one token-tree step (their ancestry is tokens x tokens)
 
 
 class RequestError(Exception):
@@ -51,6 +55,7 @@ class OpenRequest:
     session_id: str
     batch: int
     max_length: int
+    trees: bool = False  # token trees will be verified in this session (speculative decoding)
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class SpanChecks:
         """Check the tensor descriptions of a ``kind`` request for blocks ``view`` before any payload is read."""
         by_name = {m.name: m for m in metas}
         required = (*REQUIRED[kind], *self.per_layer_sizes)
-        allowed = set(required) | {"attention_mask"}
+        allowed = set(required) | {"attention_mask"} | (set(TREE_TENSORS) if kind == "step" else set())
         if set(by_name) - allowed or len(by_name) != len(metas):
             raise RequestError(f"unexpected tensors {sorted(by_name)}; expected {sorted(allowed)}")
         for name in required:
@@ -128,6 +133,24 @@ class SpanChecks:
                     f"attention_mask must be int64 [{b}, past+{t}] with at most {limit} columns, "
                     f"got {mask.dtype} {list(mask.shape)}"
                 )
+        tree, keep = by_name.get("tree"), by_name.get("keep")
+        if tree is not None and (
+            tree.dtype != torch.int64 or tree.shape != (b, t) or t > self.limits.max_tree_tokens
+        ):
+            raise RequestError(
+                f"tree must be int64 [{b}, {t}] parent indices with at most {self.limits.max_tree_tokens} tokens, "
+                f"got {tree.dtype} {list(tree.shape)}"
+            )
+        if keep is not None and (
+            keep.dtype != torch.int64
+            or len(keep.shape) != 2
+            or keep.shape[0] != b
+            or keep.shape[1] > self.limits.max_tree_tokens
+        ):
+            raise RequestError(
+                f"keep must be int64 [{b}, kept] with at most {self.limits.max_tree_tokens} rows kept, "
+                f"got {keep.dtype} {list(keep.shape)}"
+            )
         for name, size in self.per_layer_sizes.items():
             # this span's layers first, then (to be pushed on) those of later spans, never past the model
             given, first, most = by_name[name], view.end - view.start, self.num_blocks - view.start
@@ -153,6 +176,11 @@ def check_values(tensors: Mapping[str, torch.Tensor]) -> None:
     pos = tensors["position_ids"]
     if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= MAX_POSITION):
         raise RequestError(f"position_ids must lie in [0, 2**20), got {int(pos.min())}..{int(pos.max())}")
+    tree = tensors.get("tree")
+    if tree is not None and not valid_parents(tree):
+        raise RequestError(
+            "tree must give each token a parent before it (an earlier index) or -1 (the prefix)"
+        )
 
 
 def open_request(header: Mapping[str, Any], limits: Limits, open_ids: Container[str]) -> OpenRequest:
@@ -166,7 +194,10 @@ def open_request(header: Mapping[str, Any], limits: Limits, open_ids: Container[
         raise RequestError(f"batch_size must be an integer in 1..{limits.max_batch}, got {batch!r}")
     if not isinstance(max_length, int) or not 1 <= max_length <= limits.max_length:
         raise RequestError(f"max_length must be an integer in 1..{limits.max_length}, got {max_length!r}")
-    return OpenRequest(sid, batch, max_length)
+    trees = header.get("trees", False)
+    if not isinstance(trees, bool):
+        raise RequestError(f"'trees' must be true or false, got {trees!r:.40}")
+    return OpenRequest(sid, batch, max_length, trees)
 
 
 def check_session_count(open_sessions: int, limits: Limits) -> None:
@@ -194,6 +225,19 @@ def check_step_fits(past: int, tensors: Mapping[str, torch.Tensor], max_length: 
     if mask is not None and mask.shape[1] != past + length:
         raise RequestError(
             f"attention_mask must cover past + new tokens = {past + length} columns, got {mask.shape[1]}"
+        )
+
+
+def check_tree_step(tensors: Mapping[str, torch.Tensor], trees: bool, last_tokens: int) -> None:
+    """A token tree, or rows to keep, only in a session opened for trees; ``keep`` picks, for each
+    sequence, rows of the previous step (``last_tokens`` tokens) in increasing order."""
+    if not trees and any(name in tensors for name in TREE_TENSORS):
+        raise RequestError("this session was not opened for token trees (open it with trees = true)")
+    keep = tensors.get("keep")
+    if keep is not None and (keep.shape[1] > last_tokens or not valid_keep(keep, last_tokens)):
+        raise RequestError(
+            f"keep must pick, per sequence, increasing rows of the previous step's {last_tokens} tokens, "
+            f"got shape {list(keep.shape)}"
         )
 
 

@@ -55,6 +55,7 @@ class SpanCompute:
                 attention_mask=_on(t.get("attention_mask"), self.device),
                 cache=cache,
                 per_layer_inputs=self._per_layer(view, t),
+                tree=_on(t.get("tree"), self.device),
             )
         return out.to("cpu", hidden.dtype)
 

@@ -21,6 +21,7 @@ from bloombee_core.server.checks import (
     check_pending,
     check_session_count,
     check_step_fits,
+    check_tree_step,
     open_request,
     push_target,
     step_number,
@@ -72,6 +73,8 @@ class Session:
     batch: int
     max_length: int
     reserved: int  # bytes of the server's cache budget
+    trees: bool = False  # opened for token trees: steps may carry a tree and rows to keep
+    last_tokens: int = 0  # tokens of the last step computed (what a "keep" picks from)
     inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     next_step: int = 0
     push_target: tuple[str, str] | None = None
@@ -102,12 +105,12 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     request = open_request(header, server.limits, server.sessions)
     view = server.view(header)
     check_session_count(len(server.sessions), server.limits)
-    need = view.cache_bytes(request.batch, request.max_length)
+    need = view.cache_bytes(request.batch, request.max_length, request.trees)
     check_cache_room(request, need, server.cache_used, server.cache_budget)
     server.cache_used += need
     sid = request.session_id
-    cache = view.new_cache(request.batch, request.max_length)
-    session = Session(sid, view, cache, request.batch, request.max_length, need)
+    cache = view.new_cache(request.batch, request.max_length, request.trees)
+    session = Session(sid, view, cache, request.batch, request.max_length, need, request.trees)
     server.sessions[sid] = session
     reader: asyncio.Task | None = None
     try:
@@ -205,11 +208,15 @@ async def _run_steps(server: Server, stream: FrameStream, session: Session, step
     """Compute ``step`` (the one due), then every waiting step that is due after it."""
     while True:
         tensors = step.tensors
+        check_tree_step(tensors, session.trees, session.last_tokens)
+        if "keep" in tensors:  # the accepted path of the last token tree: drop the rejected rows
+            session.cache.keep(tensors["keep"], session.last_tokens)
         check_step_fits(session.cache.length, tensors, session.max_length)
         batch, tokens = tensors["hidden"].shape[:2]
         out = await server.compute_thread.run_step(
             batch * tokens, server.compute.step, session.span, session.cache, tensors
         )
+        session.last_tokens = tokens
         # The push is on the critical path (the next server waits for it); the reply is not
         # (the client keeps it for replay), so the push goes first.
         pushed = await _push(server, session, session.next_step, out, tensors)
@@ -250,8 +257,9 @@ async def _push(
     if session.push_target is None or session.push_stream is None:
         return False
     tensors = {"hidden": out, "position_ids": inputs["position_ids"]}
-    if "attention_mask" in inputs:
-        tensors["attention_mask"] = inputs["attention_mask"]
+    for name in ("attention_mask", "tree", "keep"):
+        if name in inputs:
+            tensors[name] = inputs[name]
     n = session.span.end - session.span.start
     for name in server.per_layer_sizes:  # later spans' per-layer inputs travel on with the hidden states
         if inputs[name].shape[2] <= n:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from bloombee_core.family import FULL, LayerContext, ModelFamily, past_length
+from bloombee_core.family import FULL, LayerContext, ModelFamily, alibi_at, past_length
 from bloombee_core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     import torch
 
     from bloombee_core.model import BlockSpan
+    from bloombee_core.model.tree import TreeAttention
 
 
 class FalconFamily(ModelFamily):
@@ -28,25 +29,33 @@ class FalconFamily(ModelFamily):
             return config.num_kv_heads, head_dim
         return (1 if config.multi_query else config.num_attention_heads), head_dim
 
-    def layer_context(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> LayerContext:
+    def layer_context(
+        self, span: BlockSpan, hidden, position_ids, attention_mask, kv, tree: TreeAttention | None = None
+    ) -> LayerContext:
         import torch
         from transformers.masking_utils import create_causal_mask
         from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
         config = span.config
         context = LayerContext(position_ids=position_ids)
-        # Falcon always materialises the mask so the ALiBi bias can be folded into it
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            cache=kv,
-            position_ids=position_ids,
-            allow_is_causal_skip=False,
-            layer_idx=span.start,
-        )
+        if tree is not None:
+            mask = tree.mask(config, hidden.dtype)
+        else:  # Falcon always materialises the mask so the ALiBi bias can be folded into it
+            mask = create_causal_mask(
+                config=config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                cache=kv,
+                position_ids=position_ids,
+                allow_is_causal_skip=False,
+                layer_idx=span.start,
+            )
         alibi = None
-        if config.alibi:
+        if config.alibi and tree is not None:
+            heads = config.num_attention_heads
+            alibi = alibi_at(build_alibi_tensor, tree.key_positions, heads, hidden.dtype)
+            mask = _fold_alibi(mask, alibi, hidden.shape[0], config, hidden.dtype)
+        elif config.alibi:
             batch, length = hidden.shape[:2]
             if attention_mask is None:
                 keys = length + past_length(span, kv)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from bloombee_core.model import BlockSpan, ClientPart
+    from bloombee_core.model.tree import TreeAttention
 
 PER_LAYER = "per_layer_inputs"
 
@@ -98,10 +99,12 @@ class GemmaFamily(ModelFamily):
                     model._init_weights(module)
         return model
 
-    def layer_context(self, span: BlockSpan, hidden, position_ids, attention_mask, kv) -> LayerContext:
+    def layer_context(
+        self, span: BlockSpan, hidden, position_ids, attention_mask, kv, tree: TreeAttention | None = None
+    ) -> LayerContext:
         from transformers.cache_utils import KVSharingDict
 
-        context = super().layer_context(span, hidden, position_ids, attention_mask, kv)
+        context = super().layer_context(span, hidden, position_ids, attention_mask, kv, tree)
         context.extra["shared_kv"] = KVSharingDict()  # filled by source layers, read by consumers, per call
         return context
 
