@@ -76,6 +76,7 @@ class InferenceSessionHandle:
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, trees: bool = False) -> None:
         self.model = model
         self.inner = InferenceSession(model.swarm, max_length, trees)
+        self.speculation: dict[str, Any] = {}  # what speculative decoding achieved in this session
 
     @property
     def position(self) -> int:
@@ -102,7 +103,7 @@ class InferenceSessionHandle:
         return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer, tree, keep))
 
     @torch.no_grad()
-    def logits(
+    def step_tokens(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
@@ -110,14 +111,14 @@ class InferenceSessionHandle:
         tree: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens in, logits out, through the session: [batch, tokens, vocab]. What speculative decoding
-        runs each round (a token tree and the previous round's accepted rows)."""
+        """Tokens in, the last block's hidden states out ([batch, tokens, hidden]; ``model.client.logits``
+        turns any of them into logits). What speculative decoding runs each round: a token tree and the
+        rows of the previous round to keep."""
         client = self.model.client
         hidden = client.embed(input_ids)
         per_layer = client.per_layer_inputs(input_ids, hidden)
         mask = attention_mask.to(torch.int64) if attention_mask is not None else None
-        out = self.step(hidden, position_ids.to(torch.int64), mask, per_layer, tree, keep)
-        return client.logits(out.to(hidden.dtype))
+        return self.step(hidden, position_ids.to(torch.int64), mask, per_layer, tree, keep).to(hidden.dtype)
 
     def close(self) -> None:
         self.inner.close()

@@ -230,13 +230,13 @@ def check_step_fits(past: int, tensors: Mapping[str, torch.Tensor], max_length: 
 
 def check_tree_step(tensors: Mapping[str, torch.Tensor], trees: bool, last_tokens: int) -> None:
     """A token tree, or rows to keep, only in a session opened for trees; ``keep`` picks, for each
-    sequence, rows of the previous step (``last_tokens`` tokens) in increasing order."""
+    sequence, rows of the previous step (``last_tokens`` tokens)."""
     if not trees and any(name in tensors for name in TREE_TENSORS):
         raise RequestError("this session was not opened for token trees (open it with trees = true)")
     keep = tensors.get("keep")
     if keep is not None and (keep.shape[1] > last_tokens or not valid_keep(keep, last_tokens)):
         raise RequestError(
-            f"keep must pick, per sequence, increasing rows of the previous step's {last_tokens} tokens, "
+            f"keep must pick, per sequence, rows of the previous step's {last_tokens} tokens, "
             f"got shape {list(keep.shape)}"
         )
 
