@@ -31,7 +31,7 @@ from bloombee_core.settings import PluginChoice
 if TYPE_CHECKING:
     import torch
 
-    from bloombee_core.client.model import DistributedModelForCausalLM, InferenceSessionHandle
+    from bloombee_core.client.model import DistributedModelForCausalLM
     from bloombee_core.drafting import DraftTree
 
 
@@ -40,16 +40,21 @@ class SpeculativeOptions(PluginOptions):
         default_factory=lambda: PluginChoice(name="prompt-lookup"),
         description='the drafter and its options: a name or {name = "early-exit", blocks = 4}',
     )
-    max_nodes: int = Field(default=16, ge=1, le=255, description="draft tokens per sequence and round at most")
+    max_nodes: int = Field(
+        default=16, ge=1, le=255, description="draft tokens per sequence and round at most"
+    )
     max_depth: int = Field(default=8, ge=1, le=64, description="draft tree depth at most")
     adaptive: bool = Field(
-        default=True, description="size trees from measured acceptance and round times; plain steps where drafts do not pay"
+        default=True,
+        description="size trees from measured acceptance and round times; plain steps where drafts do not pay",
     )
     do_sample: bool = Field(default=False, description="speculative sampling instead of greedy decoding")
     temperature: float = Field(default=1.0, gt=0.0, description="sampling: logits are divided by this")
     top_k: int = Field(default=50, ge=0, description="sampling: most likely tokens kept; 0 keeps all")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="sampling: nucleus mass kept")
-    seed: int | None = Field(default=None, ge=0, description="sampling: seeds the acceptance draws and samples")
+    seed: int | None = Field(
+        default=None, ge=0, description="sampling: seeds the acceptance draws and samples"
+    )
 
 
 class SpeculativeDecoding(DecodingStrategy):
@@ -66,7 +71,9 @@ class SpeculativeDecoding(DecodingStrategy):
     def generation_kwargs(self) -> dict[str, Any]:
         return {"do_sample": self.options.do_sample}
 
-    def generate(self, model: DistributedModelForCausalLM, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, model: DistributedModelForCausalLM, input_ids: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         """Like ``model.generate(input_ids, max_new_tokens=..., attention_mask=..., streamer=...)``:
         prompt + new tokens, rows that ended early padded after their end-of-sequence token."""
         import torch
@@ -84,11 +91,16 @@ class SpeculativeDecoding(DecodingStrategy):
         streamer = kwargs.get("streamer")
         generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         if model.plugins is None:
-            raise RuntimeError("speculative decoding needs the model's plugins (load it with from_pretrained)")
+            raise RuntimeError(
+                "speculative decoding needs the model's plugins (load it with from_pretrained)"
+            )
         drafter = model.plugins.create("drafters", options.drafter, "client.decoding.drafter")
         planner = DraftPlanner() if options.adaptive else None
         batch, prompt = input_ids.shape
-        sequences = [[int(t) for t, m in zip(row, keep, strict=True) if m] for row, keep in zip(input_ids.tolist(), mask.tolist(), strict=True)]
+        sequences = [
+            [int(t) for t, m in zip(row, keep, strict=True) if m]
+            for row, keep in zip(input_ids.tolist(), mask.tolist(), strict=True)
+        ]
         new: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         stats = _Stats(options.max_depth)
@@ -110,7 +122,11 @@ class SpeculativeDecoding(DecodingStrategy):
                     if planner is not None and depth > 0:
                         depth = min(depth, planner.plan(options.max_nodes, depth, batch))
                     contexts = [s + n for s, n in zip(sequences, new, strict=True)]
-                    trees = drafter.propose(contexts, options.max_nodes, depth) if depth > 0 else [_empty()] * batch
+                    trees = (
+                        drafter.propose(contexts, options.max_nodes, depth)
+                        if depth > 0
+                        else [_empty()] * batch
+                    )
                     trees = [t if not d else _empty() for t, d in zip(trees, done, strict=True)]
                     begin = time.perf_counter()
                     tokens, parents, positions = _pack([c[-1] for c in contexts], trees, lengths)
@@ -147,13 +163,13 @@ class SpeculativeDecoding(DecodingStrategy):
 
     # ---- one node's decision, one tree's verification -------------------------------------------
     def _distribution(self, model: DistributedModelForCausalLM, hidden: torch.Tensor) -> torch.Tensor:
-        from bloombee_decoding.verify import target_probs
+        from bloombee_decoding.verify import Processing
 
         logits = model.client.logits(hidden[None, None].to(model.dtype))[0, 0]
         if not self.options.do_sample:
             return logits
         o = self.options
-        return target_probs(logits, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
+        return Processing(o.temperature, o.top_k, o.top_p).target_probs(logits)
 
     def _decide(self, model: DistributedModelForCausalLM, hidden: torch.Tensor, generator: Any) -> int:
         import torch
@@ -163,7 +179,9 @@ class SpeculativeDecoding(DecodingStrategy):
             return int(scores.argmax())
         return int(torch.multinomial(scores, 1, generator=generator))
 
-    def _verify(self, model: DistributedModelForCausalLM, tree: DraftTree, hidden: torch.Tensor, generator: Any) -> tuple[list[int], int]:
+    def _verify(
+        self, model: DistributedModelForCausalLM, tree: DraftTree, hidden: torch.Tensor, generator: Any
+    ) -> tuple[list[int], int]:
         """The accepted path (node indices) and the bonus token, computing logits only where needed."""
         from bloombee_decoding.verify import verify_greedy, verify_sampling
 
@@ -172,7 +190,17 @@ class SpeculativeDecoding(DecodingStrategy):
             return verify_sampling(tree.parents, tree.tokens, rows, generator)
         return verify_greedy(tree.parents, tree.tokens, rows)
 
-    def _commit(self, b: int, tokens: list[int], new: list[list[int]], done: list[bool], eos: list[int], max_new: int, streamer: Any, batch: int) -> None:
+    def _commit(
+        self,
+        b: int,
+        tokens: list[int],
+        new: list[list[int]],
+        done: list[bool],
+        eos: list[int],
+        max_new: int,
+        streamer: Any,
+        batch: int,
+    ) -> None:
         import torch
 
         for token in tokens:
@@ -268,6 +296,3 @@ def _keep_rows(rows: list[list[int]]) -> tuple[Any, Any]:
     keep = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.int64)
     kept = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
     return keep, kept
-
-
-BUILTIN = [SpeculativeDecoding]

@@ -94,6 +94,10 @@ def _children(tree_parents: Sequence[int], tree_tokens: Sequence[int]) -> list[l
 
 
 def _check_rows(scores: torch.Tensor, n_nodes: int) -> None:
+    """A tensor of scores must hold the root's row and one per node (a lazy table of rows, whose rows are
+    computed only where verification goes, is taken as it is)."""
+    if not hasattr(scores, "dim"):
+        return
     if scores.dim() != 2 or scores.shape[0] < 1 + n_nodes:
         raise ValueError(
             f"verification needs one row for the root and one per node ([{1 + n_nodes}, V]), got {list(scores.shape)}"
@@ -105,19 +109,20 @@ def verify_greedy(
 ) -> tuple[list[int], int]:
     """Greedy verification: the next token at each node is the target's argmax.
 
-    ``logits`` is ``[1 + n, V]`` (root first). Returns the accepted nodes along the path, in order
-    (0-based tree node indices, the root not counted), and the bonus token. The emitted tokens equal
-    plain greedy decoding token for token.
+    ``logits`` is ``[1 + n, V]`` (root first), or anything whose ``[row]`` gives one row: only the rows
+    along the accepted path are read. Returns the accepted nodes along the path, in order (0-based tree
+    node indices, the root not counted), and the bonus token. The emitted tokens equal plain greedy
+    decoding token for token.
     """
     _check_rows(logits, len(tree_parents))
     children = _children(tree_parents, tree_tokens)
-    best = logits[: 1 + len(tree_parents)].argmax(dim=-1).tolist()
     accepted: list[int] = []
     row = 0
     while True:
-        match = next((c for c in children[row] if tree_tokens[c] == best[row]), None)
+        best = int(logits[row].argmax())
+        match = next((c for c in children[row] if tree_tokens[c] == best), None)
         if match is None:
-            return accepted, int(best[row])
+            return accepted, best
         accepted.append(match)
         row = match + 1
 
