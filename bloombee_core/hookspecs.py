@@ -14,6 +14,7 @@ import pluggy
 if TYPE_CHECKING:
     from bloombee_core.compression import Compressor
     from bloombee_core.decoding import DecodingStrategy
+    from bloombee_core.drafting import Drafter
     from bloombee_core.family import ModelFamily
     from bloombee_core.offload import OffloadPolicy
     from bloombee_core.transport import Transport
@@ -74,4 +75,18 @@ def bloombee_register_decoding_strategies() -> list[type[DecodingStrategy]]:
     :return: classes derived from :class:`bloombee_core.decoding.DecodingStrategy`.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def bloombee_register_drafters() -> list[type[Drafter]]:
+    """Contribute drafters: cheap proposals of the next tokens, checked by the target model in one pass.
+
+    A drafter runs on the client and answers, per sequence, a tree of candidate tokens
+    (:class:`bloombee_core.drafting.DraftTree`); speculative decoding keeps the longest path the target
+    model agrees with, so a drafter changes how fast the output comes, never what it is.
+
+    :return: classes derived from :class:`bloombee_core.drafting.Drafter`.
+
+    .. versionadded:: 0.2
     """

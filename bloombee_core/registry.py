@@ -75,6 +75,7 @@ KINDS: dict[str, Kind] = {
             "bloombee_core.decoding:DecodingStrategy",
             "decoding strategy",
         ),
+        Kind("drafters", "bloombee_register_drafters", "bloombee_core.drafting:Drafter", "drafter"),
     )
 }
 

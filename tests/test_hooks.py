@@ -42,3 +42,11 @@ def test_hook_bloombee_register_decoding_strategies() -> None:
     assert plugins.create("decoding_strategies", "greedy").generation_kwargs()["do_sample"] is False
     sampling = plugins.create("decoding_strategies", {"name": "sampling", "temperature": 0.7})
     assert sampling.generation_kwargs()["do_sample"] is True
+
+
+def test_hook_bloombee_register_drafters() -> None:
+    plugins = load_plugins()
+    assert {"prompt-lookup", "draft-model", "early-exit"} <= set(plugins.classes("drafters"))
+    drafter = plugins.create("drafters", {"name": "prompt-lookup", "max_ngram": 2}, "client.drafter")
+    (tree,) = drafter.propose([[4, 5, 6, 7, 4, 5]], max_nodes=8, max_depth=2)
+    assert (tree.tokens, tree.parents) == ([6, 7], [-1, 0])
