@@ -285,22 +285,23 @@ CHOICE_KINDS = {
     "compressor": "compressors",
     "decoding": "decoding_strategies",
     "offload": "offload_policies",
+    "drafter": "drafters",  # inside the speculative strategy's options
 }
 
 
 def plugin_choices(
     settings: BaseModel, prefix: tuple[str | int, ...] = ()
-) -> list[tuple[str, str, PluginChoice]]:
-    """Every plugin choice in ``settings`` (a :class:`Settings` or a role's job) as
-    ``(kind, dotted key, choice)``."""
-    found: list[tuple[str, str, PluginChoice]] = []
+) -> list[tuple[str, tuple[str | int, ...], PluginChoice]]:
+    """Every plugin choice in ``settings`` (a :class:`Settings`, a role's job, a plugin's options) as
+    ``(kind, key path, choice)``."""
+    found: list[tuple[str, tuple[str | int, ...], PluginChoice]] = []
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
         for index, item in items:
             key = (*prefix, name) if index is None else (*prefix, name, index)
             if isinstance(item, PluginChoice):
-                found.append((CHOICE_KINDS[name], dotted(key), item))
+                found.append((CHOICE_KINDS[name], key, item))
             elif isinstance(item, BaseModel):
                 found.extend(plugin_choices(item, key))
     return found
@@ -308,8 +309,13 @@ def plugin_choices(
 
 def check_plugin_choices(settings: BaseModel, plugins: PluginSet) -> None:
     """Validate each chosen plugin's name and options (and ``model.family``) against the installed plugins."""
-    for kind, key, chosen in plugin_choices(settings):
-        plugins.create(kind, chosen, key)
+    _check_choices(settings, (), plugins)
     model = getattr(settings, "model", None)
     if model is not None and model.family:
         plugins.get("model_families", model.family, "model.family")
+
+
+def _check_choices(settings: BaseModel, prefix: tuple[str | int, ...], plugins: PluginSet) -> None:
+    for kind, key, chosen in plugin_choices(settings, prefix):
+        plugin = plugins.create(kind, chosen, dotted(key))
+        _check_choices(plugin.options, key, plugins)  # a plugin's own choices (a drafter in a strategy)

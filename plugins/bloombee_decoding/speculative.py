@@ -108,7 +108,9 @@ class SpeculativeDecoding(DecodingStrategy):
             streamer.put(input_ids)  # as generate does: a streamer skipping the prompt skips this
         drafter.begin(model, batch)
         try:
-            with model.inference_session(prompt + max_new + options.max_nodes + 2, trees=True) as session:
+            # One sequence's cache grows by what it commits; a batch's by its best row's each round.
+            growth = max_new if batch == 1 else max_new * (1 + options.max_depth)
+            with model.inference_session(prompt + growth + options.max_nodes + 2, trees=True) as session:
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
                 hidden = session.step_tokens(input_ids, positions, mask)
                 for b in range(batch):

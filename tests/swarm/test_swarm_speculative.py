@@ -1,0 +1,132 @@
+"""Speculative decoding through real swarms: greedy output equals plain greedy decoding, token for token,
+for every family and whatever the drafter proposes — always right (long accepted paths), always wrong,
+random trees, prompt lookup — including left-padded batches whose rows accept different numbers of
+tokens, and sessions whose servers push to each other."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bloombee_core import hookimpl, load_plugins
+from bloombee_core.client import AutoDistributedModelForCausalLM
+from bloombee_core.drafting import Drafter, DraftTree
+
+from .conftest import FAMILY_CONFIGS
+from .test_swarm_generation import left_padded
+
+NEW_TOKENS = 14
+
+
+class ReferenceDrafter(Drafter):
+    """Drafts from known continuations: the right ones (``right``), or each token off by one."""
+
+    name = "test-reference"
+    continuations: list[list[int]] = []  # full reference sequences (prompt without padding + output)
+    right = True
+
+    def propose(self, sequences, max_nodes, max_depth):
+        trees = []
+        for committed in sequences:
+            reference = next((r for r in self.continuations if r[: len(committed)] == list(committed)), None)
+            if reference is None:
+                trees.append(DraftTree())
+                continue
+            ahead = reference[len(committed) : len(committed) + min(max_depth, max_nodes - 1)]
+            tokens = [t if self.right else (t + 1) % 128 for t in ahead]
+            parents = list(range(-1, len(tokens) - 1))
+            if tokens and len(tokens) < max_nodes:  # a wrong sibling at depth 1 as well
+                tokens.append((ahead[0] + 7) % 128)
+                parents.append(-1)
+            trees.append(DraftTree(tokens, parents))
+        return trees
+
+
+class WrongDrafter(ReferenceDrafter):
+    name = "test-wrong"
+    right = False
+
+
+class RandomDrafter(Drafter):
+    name = "test-random"
+
+    def propose(self, sequences, max_nodes, max_depth):
+        rng = random.Random(len(sequences[0]))
+        trees = []
+        for _ in sequences:
+            tokens, parents, depths = [], [], []
+            for _ in range(rng.randint(0, max_nodes)):
+                parent = rng.choice([-1, *[i for i, d in enumerate(depths) if d < max_depth]])
+                tokens.append(rng.randrange(128))
+                parents.append(parent)
+                depths.append(1 if parent < 0 else depths[parent] + 1)
+            trees.append(DraftTree(tokens, parents))
+        return trees
+
+
+class TestDrafters:
+    @hookimpl
+    def bloombee_register_drafters(self):
+        return [ReferenceDrafter, WrongDrafter, RandomDrafter]
+
+
+def speculative(plugins, drafter, **options):
+    return plugins.create("decoding_strategies", {"name": "speculative", "drafter": drafter, **options})
+
+
+@pytest.fixture(scope="module")
+def drafting_models(swarm):
+    """Distributed models whose plugins include the test drafters, by folder."""
+    plugins = load_plugins(extra=[TestDrafters()])
+    models = {}
+
+    def get(folder):
+        if folder not in models:
+            models[folder] = AutoDistributedModelForCausalLM.from_pretrained(
+                folder, swarm.peers, plugins=plugins
+            )
+        return models[folder]
+
+    yield get
+    for model in models.values():
+        model.close()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_speculative_greedy_equals_plain_greedy(family, tiny_models, family_servers, drafting_models):
+    family_servers[family]
+    folder = tiny_models[family]
+    model = drafting_models(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # a prompt that repeats itself, so prompt lookup has something to find
+    ids = torch.tensor([[5, 17, 33, 2, 5, 17, 33, 2, 5, 17]])
+    ids2, mask2 = left_padded([9, 4])
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        plain2 = model.generate(
+            ids2, attention_mask=mask2, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+        assert plain.tolist() == ref.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+    real2 = [
+        [t for t, m in zip(r, k, strict=True) if m] + list(o[ids2.shape[1] :])
+        for r, k, o in zip(ids2.tolist(), mask2.tolist(), plain2.tolist(), strict=True)
+    ]
+    ReferenceDrafter.continuations = [plain[0].tolist(), *real2]
+    for drafter in ("test-reference", "test-wrong", "test-random", "prompt-lookup"):
+        strategy = speculative(model.plugins, drafter, max_nodes=6, max_depth=4, adaptive=False)
+        with torch.no_grad():
+            got = strategy.generate(model, ids, max_new_tokens=NEW_TOKENS)
+            assert got.tolist() == plain.tolist(), drafter
+            got2 = strategy.generate(
+                model, ids2, attention_mask=mask2, max_new_tokens=NEW_TOKENS, pad_token_id=0
+            )
+            assert got2.tolist() == plain2.tolist(), drafter
+    stats = speculative(model.plugins, "test-reference", max_nodes=6, max_depth=4, adaptive=False)
+    with torch.no_grad():
+        stats.generate(model, ids, max_new_tokens=NEW_TOKENS)
+    # a drafter that is always right is accepted to the full depth: ~5 tokens per round
+    assert stats.last_stats["tokens_per_round"] > 3, stats.last_stats
+    assert stats.last_stats["acceptance_by_depth"][0] == 1.0
