@@ -71,9 +71,21 @@ def generate_text(
                 ids = model.generate(inputs["input_ids"], do_sample=False, **kwargs)
         out.write("\n")
         out.flush()
+        stats = getattr(decoding, "last_stats", None)
+        if stats:  # speculative decoding: how much each round trip yielded
+            print(describe_speculation(stats), file=sys.stderr, flush=True)
         return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         model.close()
+
+
+def describe_speculation(stats: dict) -> str:
+    """One line: rounds, tokens per round (and what the acceptance predicts), acceptance by depth."""
+    depths = " ".join(f"{a:.2f}" for a in stats.get("acceptance_by_depth", [])) or "-"
+    line = f"speculative decoding: {stats['tokens']} tokens in {stats['rounds']} rounds, {stats['tokens_per_round']:.2f} per round"
+    if stats.get("predicted_tokens_per_round"):
+        line += f" (predicted {stats['predicted_tokens_per_round']:.2f})"
+    return f"{line}; acceptance by depth: {depths}; rounds without drafts: {stats.get('plain_rounds', 0)}"
 
 
 class _Streamer:

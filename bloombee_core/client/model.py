@@ -221,6 +221,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``; ``decoding=`` runs a decoding strategy instead (a plugin name, a
+        ``{"name": ..., **options}`` map, or a strategy), e.g. ``decoding={"name": "speculative",
+        "drafter": "prompt-lookup"}``."""
+        decoding = kwargs.pop("decoding", None)
+        if decoding is not None:
+            from bloombee_core.decoding import DecodingStrategy
+
+            if not isinstance(decoding, DecodingStrategy):
+                if self.plugins is None:
+                    raise ValueError("decoding= needs the model's plugins: load it with from_pretrained")
+                decoding = self.plugins.create("decoding_strategies", decoding, "decoding")
+            return decoding.generate(
+                self, inputs if inputs is not None else kwargs.pop("input_ids"), *args, **kwargs
+            )
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             return super().generate(inputs, *args, **kwargs)
         if self._session is not None:

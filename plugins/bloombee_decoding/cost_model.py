@@ -104,14 +104,20 @@ class DraftPlanner:
     # -- estimates ------------------------------------------------------------------------------
 
     def acceptance(self, depth: int) -> float:
-        """``a_depth``: the chance depth ``depth`` is kept given depth ``depth - 1`` was (posterior mean)."""
+        """``a_depth``: the chance depth ``depth`` is kept given depth ``depth - 1`` was (posterior mean).
+
+        The prior of depth 1 is the Beta prior; a deeper depth's prior mean is the estimate one level up
+        (with the same weight): a depth rarely reached borrows from the one above it instead of staying
+        at an optimistic 0.5, so a drafter that fails at depth 1 is not kept alive by unseen depths."""
         if depth < 1:
             raise ValueError(f"depths start at 1, got {depth}")
         s0, f0 = self.prior
+        weight = s0 + f0
+        mean = s0 / weight if depth == 1 else self.acceptance(depth - 1)
         if depth > len(self._successes):
-            return s0 / (s0 + f0)
+            return mean
         s, f = self._successes[depth - 1], self._failures[depth - 1]
-        return (s0 + s) / (s0 + f0 + s + f)
+        return (weight * mean + s) / (weight + s + f)
 
     def acceptance_by_depth(self) -> list[float]:
         """``[a_1, a_2, ...]`` for every depth offered so far."""

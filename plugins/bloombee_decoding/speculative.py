@@ -53,7 +53,10 @@ class SpeculativeOptions(PluginOptions):
     top_k: int = Field(default=50, ge=0, description="sampling: most likely tokens kept; 0 keeps all")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="sampling: nucleus mass kept")
     seed: int | None = Field(
-        default=None, ge=0, description="sampling: seeds the acceptance draws and samples"
+        default=None,
+        ge=0,
+        description="sampling: seeds the draws so that a run repeats (trees then keep a fixed size: "
+        "adaptive sizing follows measured times)",
     )
 
 
@@ -95,7 +98,10 @@ class SpeculativeDecoding(DecodingStrategy):
                 "speculative decoding needs the model's plugins (load it with from_pretrained)"
             )
         drafter = model.plugins.create("drafters", options.drafter, "client.decoding.drafter")
-        planner = DraftPlanner() if options.adaptive else None
+        # Weak priors (half a success, half a failure): a drafter that keeps failing is dropped within
+        # a few rounds. A seeded run must repeat, so its tree sizes may not follow measured times.
+        adaptive = options.adaptive and options.seed is None
+        planner = DraftPlanner(prior_successes=0.5, prior_failures=0.5) if adaptive else None
         batch, prompt = input_ids.shape
         sequences = [
             [int(t) for t, m in zip(row, keep, strict=True) if m]
@@ -123,6 +129,8 @@ class SpeculativeDecoding(DecodingStrategy):
                     depth = min(options.max_depth, left - 1)
                     if planner is not None and depth > 0:
                         depth = min(depth, planner.plan(options.max_nodes, depth, batch))
+                    stats.planned.append(depth)
+                    begin = time.perf_counter()  # a round costs its drafting too
                     contexts = [s + n for s, n in zip(sequences, new, strict=True)]
                     trees = (
                         drafter.propose(contexts, options.max_nodes, depth)
@@ -130,7 +138,6 @@ class SpeculativeDecoding(DecodingStrategy):
                         else [_empty()] * batch
                     )
                     trees = [t if not d else _empty() for t, d in zip(trees, done, strict=True)]
-                    begin = time.perf_counter()
                     tokens, parents, positions = _pack([c[-1] for c in contexts], trees, lengths)
                     step_mask = torch.cat([cache_mask, torch.ones_like(tokens)], dim=1)
                     hidden = session.step_tokens(tokens, positions, step_mask, parents, keep)
@@ -232,6 +239,8 @@ class _Stats:
 
     def __init__(self, max_depth: int) -> None:
         self.rounds = 0
+        self.plain_rounds = 0  # rounds that carried no draft (the planner found drafting would not pay)
+        self.planned: list[int] = []  # the depth planned for each round
         self.tokens = 0
         self.offered = [0] * (max_depth + 1)
         self.accepted = [0] * (max_depth + 1)
@@ -240,6 +249,7 @@ class _Stats:
         if finished:
             return
         self.rounds += 1
+        self.plain_rounds += not len(tree)
         self.tokens += accepted + 1
         deepest = max(tree.depths(), default=0)
         for depth in range(1, deepest + 1):
@@ -251,9 +261,11 @@ class _Stats:
         by_depth = [a / o for a, o in zip(self.accepted[1:], self.offered[1:], strict=True) if o]
         report = {
             "rounds": self.rounds,
+            "plain_rounds": self.plain_rounds,
             "tokens": self.tokens,
             "tokens_per_round": self.tokens / self.rounds if self.rounds else 0.0,
             "acceptance_by_depth": by_depth,
+            "planned_depths": self.planned,
         }
         if planner is not None:
             report["predicted_tokens_per_round"] = planner.predicted_tokens_per_round()

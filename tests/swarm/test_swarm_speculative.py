@@ -130,3 +130,84 @@ def test_speculative_greedy_equals_plain_greedy(family, tiny_models, family_serv
     # a drafter that is always right is accepted to the full depth: ~5 tokens per round
     assert stats.last_stats["tokens_per_round"] > 3, stats.last_stats
     assert stats.last_stats["acceptance_by_depth"][0] == 1.0
+
+
+def test_adaptive_speculation_falls_back_to_plain_steps_when_drafts_fail(
+    tiny_models, family_servers, drafting_models
+):
+    family_servers["llama"]
+    model = drafting_models(tiny_models["llama"])
+    ids = torch.tensor([[3, 8, 13, 21, 34, 55]])
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=80, do_sample=False)
+        ReferenceDrafter.continuations = [plain[0].tolist()]
+        wrong = speculative(model.plugins, "test-wrong", max_nodes=8, max_depth=4)  # adaptive by default
+        assert wrong.generate(model, ids, max_new_tokens=80).tolist() == plain.tolist()
+    stats = wrong.last_stats
+    # Acceptance 0: once the estimate of depth 1 is low enough no tree can pay even if extra tokens cost
+    # nothing (about a dozen rounds here, whatever the timings), then only probes draft.
+    assert stats["plain_rounds"] >= stats["rounds"] * 0.5, stats["planned_depths"]
+    assert stats["acceptance_by_depth"][0] == 0.0
+
+
+def test_speculative_sampling_and_the_generate_keyword(tiny_models, family_servers, drafting_models):
+    family_servers["llama"]
+    model = drafting_models(tiny_models["llama"])
+    ids = torch.tensor([[7, 7, 9, 7, 7, 9, 7]])
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=12, do_sample=False)
+        # the Python API: generate(decoding=...) runs the strategy
+        got = model.generate(
+            ids, max_new_tokens=12, decoding={"name": "speculative", "drafter": "test-random"}
+        )
+        assert got.tolist() == plain.tolist()
+        # sampling restricted to the most likely token is greedy decoding: the sampling path is exact too
+        top1 = speculative(model.plugins, "test-random", do_sample=True, top_k=1, seed=1)
+        assert top1.generate(model, ids, max_new_tokens=12).tolist() == plain.tolist()
+        # a seed makes sampling repeatable
+        sampled = [
+            speculative(model.plugins, "test-random", do_sample=True, seed=5).generate(
+                model, ids, max_new_tokens=12
+            )
+            for _ in range(2)
+        ]
+    assert sampled[0].tolist() == sampled[1].tolist()
+
+
+class KillDuring:
+    """A streamer that SIGKILLs the live route's server of ``blocks`` after ``after`` new tokens."""
+
+    def __init__(self, swarm, servers, model, blocks, after):
+        self.swarm, self.servers, self.model, self.blocks, self.after = swarm, servers, model, blocks, after
+        self.calls, self.killed = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == self.after + 1:  # the first put is the prompt
+            victim = next(h.peer for h in self.model._session.route if (h.start, h.end) == self.blocks)
+            self.swarm.kill9(next(c for c in self.servers if c.ready["peer"] == victim))
+            self.killed = victim
+
+    def end(self):
+        pass
+
+
+def test_speculative_generation_survives_a_server_killed_mid_generation(
+    swarm, tiny_models, family_servers, drafting_models
+):
+    """The replacement server is rebuilt by replaying the session's steps (trees and kept rows
+    included), and the output does not change. Runs last: it kills a server (a spare one starts first)."""
+    folder = tiny_models["llama"]
+    spare = swarm.serve(folder, "1:3")
+    spare.wait_ready()
+    model = drafting_models(folder)
+    ids = torch.tensor([[5, 17, 33, 2, 5, 17, 33, 2, 5]])
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=20, do_sample=False)
+        ReferenceDrafter.continuations = [plain[0].tolist()]
+        servers = [*family_servers["llama"], spare]
+        killer = KillDuring(swarm, servers, model, (1, 3), after=6)
+        strategy = speculative(model.plugins, "test-reference", max_nodes=4, max_depth=3, adaptive=False)
+        got = strategy.generate(model, ids, max_new_tokens=20, streamer=killer)
+    assert killer.killed is not None
+    assert got.tolist() == plain.tolist()
