@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bloombee_core.cli.flags import add_flags, settings_from_flags
+from bloombee_core.cli.flags import add_flags, plugin_choice, settings_from_flags
 from bloombee_core.settings import (
     BootstrapJob,
     ClientJob,
@@ -17,6 +17,7 @@ from bloombee_core.settings import (
     JobSettings,
     ModelSettings,
     NetworkSettings,
+    PluginChoice,
     ServerJob,
     ServerSettings,
 )
@@ -39,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flags(p, JobSettings, "job", only=["max_new_tokens", "chat"], rename={"chat": "--chat"})
     add_flags(p, JobSettings, "job", only=["prompt"], required=["prompt"])
     add_flags(p, ClientSettings, "client")
+    p.add_argument(
+        "--drafter",
+        type=plugin_choice,
+        metavar='NAME|{"name": ...}',
+        help="speculative decoding with this drafter and its options (prompt-lookup, early-exit, "
+        'draft-model ...), e.g. --drafter \'{"name": "early-exit", "blocks": 4}\'',
+    )
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("status", help="table of servers, spans, throughput, cache left and coverage")
@@ -75,6 +83,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from bloombee_core.roles import run_generate
 
     job = settings_from_flags(args, ClientJob, {"model": {"path": args.model}, "job": {"kind": "generate"}})
+    if args.drafter is not None:  # a drafter means speculative decoding, with the decoding's own options
+        chosen = job.client.decoding
+        options = chosen.options() if chosen.name == "speculative" else {}
+        decoding = PluginChoice(name="speculative", **options, drafter=args.drafter)
+        job = job.model_copy(update={"client": job.client.model_copy(update={"decoding": decoding})})
     run_generate(job, load_plugins(strict=job.plugins.strict))
     return 0
 

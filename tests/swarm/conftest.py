@@ -229,3 +229,18 @@ def no_leftover_processes(request):
         time.sleep(0.5)
     kill_all(pid for pid, _ in leftovers)
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def raw_client(swarm):
+    """A bare transport in the swarm (its loop thread and itself): for requests no client would send."""
+    from bloombee_hivemind import HivemindTransport
+
+    from bloombee_core.swarm.aio import LoopThread
+
+    loop = LoopThread("raw-client")
+    transport = HivemindTransport()
+    loop.run(transport.start(initial_peers=swarm.peers, client_mode=True))
+    yield loop, transport
+    loop.run(transport.shutdown(), timeout=20)
+    loop.stop()

@@ -7,13 +7,11 @@ import asyncio
 import msgpack
 import pytest
 import torch
-from bloombee_hivemind import HivemindTransport
 from transformers import AutoModelForCausalLM
 
 from bloombee_core.client.rpc import RemoteError, request
 from bloombee_core.compression import RAW
 from bloombee_core.swarm import wire
-from bloombee_core.swarm.aio import LoopThread
 from bloombee_core.transport import TransportError
 
 
@@ -83,16 +81,6 @@ def test_backward_after_a_span_was_re_split(swarm, tiny_models, family_servers, 
             bans.lift(peer)
         for child in halves:
             child.stop()
-
-
-@pytest.fixture(scope="module")
-def raw_client(swarm):
-    loop = LoopThread("raw-client")
-    transport = HivemindTransport()
-    loop.run(transport.start(initial_peers=swarm.peers, client_mode=True))
-    yield loop, transport
-    loop.run(transport.shutdown(), timeout=20)
-    loop.stop()
 
 
 async def _exchange(transport, peer, frames: list[bytes]) -> dict:

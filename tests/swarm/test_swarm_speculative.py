@@ -5,6 +5,7 @@ tokens, and sessions whose servers push to each other."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from bloombee_core import hookimpl, load_plugins
 from bloombee_core.client import AutoDistributedModelForCausalLM
 from bloombee_core.drafting import Drafter, DraftTree
+from bloombee_core.swarm import wire
 
 from .conftest import FAMILY_CONFIGS
 from .test_swarm_generation import left_padded
@@ -67,7 +69,7 @@ class RandomDrafter(Drafter):
         return trees
 
 
-class TestDrafters:
+class DrafterPlugins:
     @hookimpl
     def bloombee_register_drafters(self):
         return [ReferenceDrafter, WrongDrafter, RandomDrafter]
@@ -80,7 +82,7 @@ def speculative(plugins, drafter, **options):
 @pytest.fixture(scope="module")
 def drafting_models(swarm):
     """Distributed models whose plugins include the test drafters, by folder."""
-    plugins = load_plugins(extra=[TestDrafters()])
+    plugins = load_plugins(extra=[DrafterPlugins()])
     models = {}
 
     def get(folder):
@@ -172,6 +174,70 @@ def test_speculative_sampling_and_the_generate_keyword(tiny_models, family_serve
             for _ in range(2)
         ]
     assert sampled[0].tolist() == sampled[1].tolist()
+
+
+async def _session_replies(transport, peer, trees, steps):
+    """Open a session on ``peer`` (blocks 0:1) and send ``steps``; the replies, up to the first error."""
+    stream = await transport.connect(peer, wire.PROTOCOL)
+    try:
+        header = {
+            "type": "open",
+            "session_id": "t" * 16,
+            "start": 0,
+            "end": 1,
+            "batch_size": 1,
+            "max_length": 64,
+        }
+        await wire.send(stream, {**header, "push": None, "trees": trees})
+        for number, tensors in enumerate(steps):
+            await wire.send(stream, {"type": "step", "step": number}, tensors)
+        replies = []
+        for _ in range(len(steps) + 1):
+            message = await asyncio.wait_for(wire.read_header(stream), 20)
+            if message is None:
+                break
+            replies.append(message[0])
+            await wire.read_tensors(stream, message[1], wire.compressor_table(), 1 << 24)
+            if not message[0].get("ok"):
+                break
+        return replies
+    finally:
+        stream.close()
+
+
+def _step(tokens, tree=None, keep=None, past=0):
+    tensors = {"hidden": torch.zeros(1, tokens, 64), "position_ids": torch.arange(past, past + tokens)[None]}
+    if tree is not None:
+        tensors["tree"] = torch.tensor([tree])
+    if keep is not None:
+        tensors["keep"] = torch.tensor([keep])
+    return tensors
+
+
+BAD_TREES = {
+    "a tree in a plain session": (False, [_step(2, tree=[-1, 0])], "not opened for token trees"),
+    "a parent after its child": (True, [_step(2, tree=[-1, 1])], "a parent before it"),
+    "a tree of the wrong shape": (True, [_step(2, tree=[-1, 0, 1])], "tree must be int64 [1, 2]"),
+    "a tree over the limit": (True, [_step(300, tree=[-1] * 300)], "at most 256 tokens"),
+    "keeping rows the last step did not have": (
+        True,
+        [_step(2, tree=[-1, 0]), _step(1, keep=[0, 5], past=2)],
+        "keep must pick, per sequence, rows of the previous step's 2 tokens",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TREES))
+def test_bad_trees_are_refused_and_the_server_keeps_serving(case, tiny_models, family_servers, raw_client):
+    loop, transport = raw_client
+    peer = next(c.ready["peer"] for c in family_servers["llama"] if c.ready["start"] == 0)
+    trees, steps, expected = BAD_TREES[case]
+    replies = loop.run(_session_replies(transport, peer, trees, steps))
+    assert replies[-1]["ok"] is False and expected in replies[-1]["error"], replies[-1]
+    good = loop.run(
+        _session_replies(transport, peer, True, [_step(3, tree=[-1, 0, 0]), _step(1, keep=[0, 2], past=2)])
+    )
+    assert [r["ok"] for r in good] == [True, True, True]  # the open, then both steps
 
 
 class KillDuring:
