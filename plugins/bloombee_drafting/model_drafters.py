@@ -202,9 +202,13 @@ class EarlyExitDrafter(LocalModelDrafter):
                 f"early-exit blocks = {blocks}, but the target ({target.folder}) has {total} blocks; "
                 f"choose 1 to {total}"
             )
+        from bloombee_core.model import load_config
+
+        # the checkpoint's own config: the client model's copy carries settings made for a model
+        # without layers (its attention / experts implementation)
         model, info = AutoModelForCausalLM.from_pretrained(
             target.folder,
-            config=first_blocks_config(target.config, blocks),
+            config=first_blocks_config(load_config(target.folder), blocks),
             dtype=dtype,
             output_loading_info=True,
         )

@@ -221,3 +221,25 @@ def _tagged(tag: str) -> list:
             if f"BLOOMBEE_TEST_TAG={tag}".encode() in environ and not cmd.startswith(b"torch_shm_manager"):
                 found.append((entry.name, cmd[:120]))
     return found
+
+
+GROUNDED = (
+    "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog while the farmer "
+    "watches from the old wooden fence."
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["prompt-lookup", '{"name": "early-exit", "blocks": 6}'])
+def test_generate_with_speculative_decoding_equals_plain_greedy(swarm, smollm2, smollm2_servers, drafter):
+    """The packaged SmolLM2 through three servers: `bloombee generate --drafter ...` prints the plain
+    greedy reply, and how many tokens each round yielded."""
+
+    def generate(*extra: str) -> subprocess.CompletedProcess:
+        args = ["generate", str(smollm2), "--initial-peers", *swarm.peers, "--prompt", GROUNDED]
+        return cli(*args, "--max-new-tokens", "24", *extra)
+
+    plain, fast = generate(), generate("--drafter", drafter)
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr[-2000:]
+    assert fast.stdout == plain.stdout
+    assert "speculative decoding: " in fast.stderr and "per round" in fast.stderr
