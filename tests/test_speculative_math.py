@@ -232,6 +232,26 @@ def test_acceptance_near_zero_plans_plain_steps_with_periodic_probes() -> None:
     assert planner.predicted_tokens_per_round() == pytest.approx(planner.expected_tokens(2))
 
 
+def test_failing_probes_back_off_and_an_accepted_one_restores_the_interval() -> None:
+    planner = DraftPlanner()
+    feed_rounds(planner, 0.05, 0.005)
+    feed_acceptance(planner, 0.0, 4)
+    probes = []
+    for round_ in range(200):
+        depth = planner.plan(max_nodes=16, max_depth=8)
+        if depth:
+            probes.append(round_)
+            planner.observe_acceptance(0, depth)  # every probe fails
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:4] == [16, 32, 64, 64]  # each failure doubles the wait, up to 8 x probe_every
+    planner.observe_acceptance(2, 2)  # not a probe: changes nothing
+    depth, waited = 0, 0
+    while not depth:
+        depth, waited = planner.plan(max_nodes=16, max_depth=8), waited + 1
+    planner.observe_acceptance(depth, depth)  # this probe is accepted
+    assert planner._probe_interval == planner.probe_every
+
+
 def test_drafting_resumes_through_probes_when_acceptance_recovers() -> None:
     planner = DraftPlanner()
     feed_rounds(planner, 0.05, 0.002)

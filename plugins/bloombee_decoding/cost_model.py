@@ -67,6 +67,11 @@ class DraftPlanner:
         self._failures: list[float] = []
         self._plain_streak = 0
         self._last_depth = 0
+        # probes back off while they keep failing (each costs a draft), and come back to probe_every
+        # as soon as one is accepted
+        self._probe_interval = probe_every
+        self._probing = False
+        self.max_probe_interval = 8 * probe_every
 
     # -- measurements ---------------------------------------------------------------------------
 
@@ -90,6 +95,12 @@ class DraftPlanner:
             )
         if max_depth_offered == 0:
             return  # a plain step says nothing about drafts
+        if self._probing:
+            self._probing = False
+            failed = depth_reached == 0
+            self._probe_interval = (
+                min(2 * self._probe_interval, self.max_probe_interval) if failed else self.probe_every
+            )
         while len(self._successes) < max_depth_offered:
             self._successes.append(0.0)
             self._failures.append(0.0)
@@ -176,7 +187,8 @@ class DraftPlanner:
         Maximises ``batch_size * expected_tokens(D) / round_time(batch_size * (1 + nodes(D)))`` over
         ``D in 0..max_depth`` with ``nodes(D) <= max_nodes``; ``nodes`` is ``nodes_for_depth`` (the
         caller's tree shape) or a chain (``nodes(D) = D``). Drafting must beat plain by ``margin``;
-        after ``probe_every`` plain answers in a row, one answer is a ``probe_depth`` probe.
+        after ``probe_every`` plain answers in a row, one answer is a ``probe_depth`` probe; a probe
+        that fails doubles that interval (up to 8x), one that is accepted restores it.
         """
         nodes = nodes_for_depth or (lambda depth: depth)
 
@@ -194,8 +206,9 @@ class DraftPlanner:
             self._last_depth = best
             return best
         self._plain_streak += 1
-        if self._plain_streak >= self.probe_every:
+        if self._plain_streak >= self._probe_interval:
             self._plain_streak = 0
+            self._probing = True
             probes = [d for d in depths if d <= self.probe_depth]
             self._last_depth = max(probes) if probes else depths[0]
             return self._last_depth

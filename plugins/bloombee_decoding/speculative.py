@@ -150,7 +150,7 @@ class SpeculativeDecoding(DecodingStrategy):
                         if planner is not None and not done[b] and len(trees[b]):
                             planner.observe_acceptance(len(path), max(trees[b].depths()))
                     if planner is not None:
-                        planner.observe_round(tokens.shape[1], time.perf_counter() - begin)
+                        planner.observe_round(tokens.shape[1], time.perf_counter() - begin, batch)
                     for b in range(batch):
                         if not done[b]:
                             self._commit(b, accepted_tokens[b], new, done, eos, max_new, streamer, batch)
