@@ -3,6 +3,7 @@
 With no arguments it sweeps everything (every scenario × model × 2 and 3 servers × every link). Choose
 a subset with ``--scenario/--model/--servers/--link`` (each repeatable); ``--quick`` is a small sweep.
 Results of a partial run replace only their own rows in the JSON file and the table.
+``python -m bench speculative ...`` runs the speculative-decoding benchmark instead (bench/speculative.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["speculative"]:
+        from bench import speculative
+
+        return speculative.main(argv[1:])
     args = parse_args(argv)
     from rich.console import Console
 
