@@ -128,7 +128,10 @@ class SpeculativeDecoding(DecodingStrategy):
                     left = max(max_new - len(n) for n, d in zip(new, done, strict=True) if not d)
                     depth = min(options.max_depth, left - 1)
                     if planner is not None and depth > 0:
-                        depth = min(depth, planner.plan(options.max_nodes, depth, batch))
+                        width = stats.nodes_per_depth  # trees are wider than chains: price what is sent
+                        nodes = lambda d, w=width: min(options.max_nodes, max(d, round(w * d)))  # noqa: E731
+                        depth = min(depth, planner.plan(options.max_nodes, depth, batch, nodes))
+                        stats.predicted.append(planner.predicted_tokens_per_round())
                     stats.planned.append(depth)
                     begin = time.perf_counter()  # a round costs its drafting too
                     contexts = [s + n for s, n in zip(sequences, new, strict=True)]
@@ -157,7 +160,7 @@ class SpeculativeDecoding(DecodingStrategy):
                     keep, kept = _keep_rows(rows)
                     cache_mask = torch.cat([cache_mask, kept], dim=1)
                     lengths = [n + len(r) for n, r in zip(lengths, rows, strict=True)]
-                session.speculation = stats.report(planner)
+                session.speculation = stats.report()
                 self.last_stats = session.speculation
         finally:
             drafter.end()
@@ -241,6 +244,8 @@ class _Stats:
         self.rounds = 0
         self.plain_rounds = 0  # rounds that carried no draft (the planner found drafting would not pay)
         self.planned: list[int] = []  # the depth planned for each round
+        self.predicted: list[float] = []  # the planner's expected tokens for each round it planned
+        self.nodes_per_depth = 1.0  # how wide the drafter's trees are (nodes per level), a running mean
         self.tokens = 0
         self.offered = [0] * (max_depth + 1)
         self.accepted = [0] * (max_depth + 1)
@@ -252,12 +257,14 @@ class _Stats:
         self.plain_rounds += not len(tree)
         self.tokens += accepted + 1
         deepest = max(tree.depths(), default=0)
+        if deepest:
+            self.nodes_per_depth = 0.8 * self.nodes_per_depth + 0.2 * len(tree) / deepest
         for depth in range(1, deepest + 1):
             if depth <= accepted + 1:
                 self.offered[depth] += 1
                 self.accepted[depth] += depth <= accepted
 
-    def report(self, planner: Any) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         by_depth = [a / o for a, o in zip(self.accepted[1:], self.offered[1:], strict=True) if o]
         report = {
             "rounds": self.rounds,
@@ -267,8 +274,8 @@ class _Stats:
             "acceptance_by_depth": by_depth,
             "planned_depths": self.planned,
         }
-        if planner is not None:
-            report["predicted_tokens_per_round"] = planner.predicted_tokens_per_round()
+        if self.predicted:  # what the measured acceptance predicted, on average over the planned rounds
+            report["predicted_tokens_per_round"] = sum(self.predicted) / len(self.predicted)
         return report
 
 
