@@ -72,6 +72,7 @@ class DraftPlanner:
         self._probe_interval = probe_every
         self._probing = False
         self.max_probe_interval = 8 * probe_every
+        self._observed = 0  # rounds of acceptance seen: the first trees grow with the evidence
 
     # -- measurements ---------------------------------------------------------------------------
 
@@ -95,6 +96,7 @@ class DraftPlanner:
             )
         if max_depth_offered == 0:
             return  # a plain step says nothing about drafts
+        self._observed += 1
         if self._probing:
             self._probing = False
             failed = depth_reached == 0
@@ -196,6 +198,9 @@ class DraftPlanner:
             seconds = self.round_time(batch_size * (1 + nodes(depth)))
             return batch_size * self.expected_tokens(depth) / max(seconds, 1e-12)
 
+        # Before any evidence a tree is no deeper than a probe, and each round observed allows two levels
+        # more: a good drafter reaches full depth in a few rounds, a bad one wastes little finding out.
+        max_depth = min(max_depth, self.probe_depth + 2 * self._observed)
         depths = [d for d in range(1, max_depth + 1) if nodes(d) <= max_nodes]
         if not depths:
             self._last_depth = 0
