@@ -149,7 +149,9 @@ class ClientSettings(_Section):
     compressor: PluginChoice = choice(
         "none", description="Compressor for the hidden states the client sends."
     )
-    decoding: PluginChoice = choice("greedy", description="Decoding strategy: greedy, sampling, speculative ...")
+    decoding: PluginChoice = choice(
+        "greedy", description="Decoding strategy: greedy, sampling, speculative ..."
+    )
 
 
 class JobSettings(_Section):

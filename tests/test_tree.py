@@ -12,50 +12,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_helpers import TINY, load_reference, save_tiny
+from family_helpers import FAMILY_CONFIGS, SMALL, TINY, load_reference, save_tiny
 from transformers import (
-    BloomConfig,
     FalconConfig,
     Gemma2Config,
-    Gemma4TextConfig,
-    LlamaConfig,
     MistralConfig,
-    MixtralConfig,
-    Qwen3Config,
 )
 
 from bloombee_core import load_plugins
 from bloombee_core.model import load_config
 from bloombee_core.model.tree import tree_attention
 
-SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
+# every family's tiny model, and attention variants besides: a Mistral sliding window, Falcon's ALiBi,
+# Gemma 2's attention soft-capping (eager attention)
 CONFIGS = {
-    "llama": lambda: LlamaConfig(**TINY),
+    **FAMILY_CONFIGS,
     "mistral-sliding": lambda: MistralConfig(**TINY, sliding_window=4),
-    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
-    "mixtral": lambda: MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2),
-    "bloom": lambda: BloomConfig(vocab_size=128, hidden_size=64, n_layer=3, n_head=4),
-    "falcon-rotary": lambda: FalconConfig(
-        **SMALL, num_hidden_layers=3, new_decoder_architecture=True, num_kv_heads=2
-    ),
     "falcon-alibi": lambda: FalconConfig(
         **SMALL, num_hidden_layers=3, alibi=True, new_decoder_architecture=False, multi_query=True
     ),
-    "gemma2": lambda: Gemma2Config(
+    "gemma2-softcap": lambda: Gemma2Config(
         **TINY, head_dim=16, sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0
-    ),
-    "gemma4": lambda: Gemma4TextConfig(
-        **SMALL,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        global_head_dim=32,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"] * 3,
-        hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=128,
-        num_kv_shared_layers=2,
     ),
 }
 ATOL = 1e-4  # fp32; a tree computes each node in a differently shaped batch than the reference

@@ -16,57 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    BloomConfig,
-    FalconConfig,
-    Gemma2Config,
-    Gemma4TextConfig,
-    LlamaConfig,
-    MixtralConfig,
-    Qwen3Config,
-)
+from family_helpers import FAMILY_CONFIGS
+from transformers import AutoModelForCausalLM
 
 from bloombee_core.stack import Child
 
 TAG = uuid.uuid4().hex
 os.environ["BLOOMBEE_TEST_TAG"] = TAG
 
-SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
-FAMILY_CONFIGS = {
-    "llama": lambda: LlamaConfig(**SMALL, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2),
-    "bloom": lambda: BloomConfig(vocab_size=128, hidden_size=64, n_layer=4, n_head=4),
-    "falcon": lambda: FalconConfig(
-        **SMALL, num_hidden_layers=4, new_decoder_architecture=True, num_kv_heads=2
-    ),
-    "mixtral": lambda: MixtralConfig(
-        **SMALL, intermediate_size=96, num_hidden_layers=4, num_key_value_heads=2, num_local_experts=4
-    ),
-    "qwen3": lambda: Qwen3Config(**SMALL, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2),
-    "gemma2": lambda: Gemma2Config(
-        **SMALL,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=4,
-        final_logit_softcapping=30.0,
-    ),
-    # per-layer inputs from the client; layers 4 and 5 reuse the KV of layers 2 and 3 (cuts: 0, 1, 2, 6)
-    "gemma4": lambda: Gemma4TextConfig(
-        **SMALL,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        global_head_dim=32,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"] * 3,
-        hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=128,
-        num_kv_shared_layers=2,
-    ),
-}
 # uneven splits; llama also has a replica of its middle span (for the fault-tolerance test)
 SPLITS = {name: ["0:1", "1:4"] for name in FAMILY_CONFIGS} | {
     "llama": ["0:1", "1:3", "1:3", "3:4"],
