@@ -233,6 +233,19 @@ def test_early_exit_carries_the_targets_first_blocks(tiny_pair) -> None:
         assert torch.equal(drafting.model(ids).logits, by_hand(ids).logits)
 
 
+def test_a_drafter_kept_between_generations_loads_its_model_once(tiny_pair) -> None:
+    target, _ = tiny_pair
+    drafting = drafter({"name": "early-exit", "blocks": 2})
+    drafting.begin(stand_in_target(target), batch_size=1)
+    first = drafting.model
+    drafting.end()
+    assert drafting.model is None  # nothing to draft with between generations
+    drafting.begin(stand_in_target(target), batch_size=2)
+    assert drafting.model is first  # the same weights, not loaded again
+    drafting.begin(stand_in_target(target, torch.bfloat16), batch_size=1)
+    assert drafting.model is not first and next(drafting.model.parameters()).dtype == torch.bfloat16
+
+
 def test_early_exit_defaults_to_a_quarter_of_the_blocks_and_refuses_too_many(tiny_pair) -> None:
     target, _ = tiny_pair
     drafting = drafter("early-exit")

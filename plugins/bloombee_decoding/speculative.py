@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from bloombee_core.client.model import DistributedModelForCausalLM
-    from bloombee_core.drafting import DraftTree
+    from bloombee_core.drafting import Drafter, DraftTree
 
 
 class SpeculativeOptions(PluginOptions):
@@ -70,6 +70,7 @@ class SpeculativeDecoding(DecodingStrategy):
     def __init__(self, options: PluginOptions | None = None) -> None:
         super().__init__(options)
         self.last_stats: dict[str, Any] = {}
+        self._drafter: tuple[object, Drafter] | None = None  # (the registry it came from, the drafter)
 
     def generation_kwargs(self) -> dict[str, Any]:
         return {"do_sample": self.options.do_sample}
@@ -97,7 +98,12 @@ class SpeculativeDecoding(DecodingStrategy):
             raise RuntimeError(
                 "speculative decoding needs the model's plugins (load it with from_pretrained)"
             )
-        drafter = model.plugins.create("drafters", options.drafter, "client.decoding.drafter")
+        if self._drafter is None or self._drafter[0] is not model.plugins:  # kept: a draft model loads once
+            self._drafter = (
+                model.plugins,
+                model.plugins.create("drafters", options.drafter, "client.decoding.drafter"),
+            )
+        drafter = self._drafter[1]
         # Weak priors (half a success, half a failure): a drafter that keeps failing is dropped within
         # a few rounds. A seeded run must repeat, so its tree sizes may not follow measured times.
         adaptive = options.adaptive and options.seed is None

@@ -36,13 +36,17 @@ class LocalModelOptions(PluginOptions):
 
 
 class LocalModelDrafter(Drafter):
-    """Drafts with a causal LM held on the client; subclasses say which model (:meth:`load_model`)."""
+    """Drafts with a causal LM held on the client; subclasses say which model (:meth:`load_model`).
+
+    The model stays loaded between generations for the same target and dtype (a strategy keeps its
+    drafter): only the per-sequence caches are dropped at :meth:`end`."""
 
     Options: ClassVar[type[PluginOptions]] = LocalModelOptions
 
     def __init__(self, options: PluginOptions | None = None) -> None:
         super().__init__(options)
         self.model: PreTrainedModel | None = None
+        self._loaded: tuple[PreTrainedModel, object] | None = None  # (model, what it was loaded for)
         self._rows: list[RowCache] = []
 
     def load_model(self, target: DistributedModelForCausalLM, dtype: torch.dtype) -> PreTrainedModel:
@@ -52,7 +56,10 @@ class LocalModelDrafter(Drafter):
         from bloombee_core.dtypes import torch_dtype
 
         dtype = torch_dtype(self.options.dtype or target.dtype)
-        self.model = self.load_model(target, dtype).to("cpu").eval()
+        key = (str(target.folder), dtype)
+        if self._loaded is None or self._loaded[1] != key:
+            self._loaded = (self.load_model(target, dtype).to("cpu").eval(), key)
+        self.model = self._loaded[0]
         self._rows = [RowCache() for _ in range(batch_size)]
 
     def propose(self, sequences: Sequence[Sequence[int]], max_nodes: int, max_depth: int) -> list[DraftTree]:
