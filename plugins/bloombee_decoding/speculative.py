@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from bloombee_core.client.model import DistributedModelForCausalLM
     from bloombee_core.drafting import Drafter, DraftTree
+    from bloombee_decoding.cost_model import DraftPlanner
 
 
 class SpeculativeOptions(PluginOptions):
@@ -132,20 +133,12 @@ class SpeculativeDecoding(DecodingStrategy):
                 lengths = mask.sum(-1).tolist()
                 while not all(done):
                     left = max(max_new - len(n) for n, d in zip(new, done, strict=True) if not d)
-                    depth = min(options.max_depth, left - 1)
-                    if planner is not None and depth > 0:
-                        width = stats.nodes_per_depth  # trees are wider than chains: price what is sent
-                        nodes = lambda d, w=width: min(options.max_nodes, max(d, round(w * d)))  # noqa: E731
-                        depth = min(depth, planner.plan(options.max_nodes, depth, batch, nodes))
-                        stats.predicted.append(planner.predicted_tokens_per_round())
-                    stats.planned.append(depth)
+                    depth = self._plan_depth(planner, stats, min(options.max_depth, left - 1), batch)
                     begin = time.perf_counter()  # a round costs its drafting too
                     contexts = [s + n for s, n in zip(sequences, new, strict=True)]
-                    trees = (
-                        drafter.propose(contexts, options.max_nodes, depth)
-                        if depth > 0
-                        else [_empty()] * batch
-                    )
+                    trees = [_empty()] * batch
+                    if depth > 0:
+                        trees = drafter.propose(contexts, options.max_nodes, depth)
                     trees = [t if not d else _empty() for t, d in zip(trees, done, strict=True)]
                     tokens, parents, positions = _pack([c[-1] for c in contexts], trees, lengths)
                     step_mask = torch.cat([cache_mask, torch.ones_like(tokens)], dim=1)
@@ -172,12 +165,21 @@ class SpeculativeDecoding(DecodingStrategy):
             drafter.end()
         if streamer is not None:
             streamer.end()
-        width = max(len(n) for n in new)
-        out = torch.full((batch, prompt + width), pad, dtype=input_ids.dtype)
-        out[:, :prompt] = input_ids
-        for b, tokens in enumerate(new):
-            out[b, prompt : prompt + len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-        return out
+        return _sequences(input_ids, new, pad)
+
+    def _plan_depth(self, planner: DraftPlanner | None, stats: _Stats, most: int, batch: int) -> int:
+        """How deep to draft this round: ``most`` without a planner, else what the planner finds pays."""
+        depth = most
+        if planner is not None and most > 0:
+            width, limit = stats.nodes_per_depth, self.options.max_nodes  # price the trees really sent
+
+            def nodes(d: int) -> int:
+                return min(limit, max(d, round(width * d)))
+
+            depth = min(most, planner.plan(limit, most, batch, nodes))
+            stats.predicted.append(planner.predicted_tokens_per_round())
+        stats.planned.append(depth)
+        return depth
 
     # ---- one node's decision, one tree's verification -------------------------------------------
     def _distribution(self, model: DistributedModelForCausalLM, hidden: torch.Tensor) -> torch.Tensor:
@@ -295,6 +297,18 @@ def _token_ids(value: Any) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+
+
+def _sequences(input_ids: torch.Tensor, new: list[list[int]], pad: int) -> torch.Tensor:
+    """Prompt + new tokens per row, as ``generate`` returns them: shorter rows padded at the end."""
+    import torch
+
+    batch, prompt = input_ids.shape
+    out = torch.full((batch, prompt + max(len(n) for n in new)), pad, dtype=input_ids.dtype)
+    out[:, :prompt] = input_ids
+    for b, tokens in enumerate(new):
+        out[b, prompt : prompt + len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    return out
 
 
 def _pack(roots: Sequence[int], trees: Sequence[DraftTree], lengths: Sequence[int]) -> tuple[Any, Any, Any]:
