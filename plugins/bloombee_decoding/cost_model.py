@@ -124,24 +124,30 @@ class DraftPlanner:
         at an optimistic 0.5, so a drafter that fails at depth 1 is not kept alive by unseen depths."""
         if depth < 1:
             raise ValueError(f"depths start at 1, got {depth}")
+        return self._acceptances(depth)[-1]
+
+    def _acceptances(self, depth: int) -> list[float]:
+        """``[a_1, ..., a_depth]``, each built on the one above it (see :meth:`acceptance`)."""
         s0, f0 = self.prior
-        weight = s0 + f0
-        mean = s0 / weight if depth == 1 else self.acceptance(depth - 1)
-        if depth > len(self._successes):
-            return mean
-        s, f = self._successes[depth - 1], self._failures[depth - 1]
-        return (weight * mean + s) / (weight + s + f)
+        weight, mean = s0 + f0, s0 / (s0 + f0)
+        out = []
+        for d in range(depth):
+            if d < len(self._successes):
+                s, f = self._successes[d], self._failures[d]
+                mean = (weight * mean + s) / (weight + s + f)
+            out.append(mean)
+        return out
 
     def acceptance_by_depth(self) -> list[float]:
         """``[a_1, a_2, ...]`` for every depth offered so far."""
-        return [self.acceptance(d) for d in range(1, len(self._successes) + 1)]
+        return self._acceptances(len(self._successes))
 
     def expected_tokens(self, depth: int) -> float:
         """Tokens a round with a chain ``depth`` deep is expected to emit:
         ``1 + sum_{d=1..depth} prod_{j<=d} a_j`` (the bonus token counts 1)."""
         total, reach = 1.0, 1.0
-        for d in range(1, depth + 1):
-            reach *= self.acceptance(d)
+        for a in self._acceptances(depth):
+            reach *= a
             total += reach
         return total
 
