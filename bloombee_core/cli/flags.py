@@ -35,17 +35,11 @@ def add_flags(
     section: str,
     *,
     only: Iterable[str] | None = None,
-    skip: Iterable[str] = (),
-    rename: Mapping[str, str] | None = None,
     required: Iterable[str] = (),
 ) -> None:
-    """Add a flag for each field of ``model`` (all, or ``only`` these), under ``section`` of the settings.
-
-    :param rename: field -> flag name where the flag reads better under another name (``--no-chat``).
-    """
-    rename = dict(rename or {})
+    """Add a flag for each field of ``model`` (all, or ``only`` these), under ``section`` of the settings."""
     required = set(required)
-    names = list(only) if only is not None else [n for n in model.model_fields if n not in set(skip)]
+    names = list(only) if only is not None else list(model.model_fields)
     for name in names:
         field = model.model_fields[name]
         kwargs: dict[str, Any] = {
@@ -57,7 +51,7 @@ def add_flags(
         if name in required:
             kwargs.update(required=True, help=field.description or "")
             kwargs.pop("default")
-        parser.add_argument(rename.get(name, flag_name(name)), **kwargs)
+        parser.add_argument(flag_name(name), **kwargs)
 
 
 def settings_from_flags(args: argparse.Namespace, model: type[M], base: Mapping[str, Any] | None = None) -> M:

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text through the swarm, streamed to the terminal")
     _model(p, dtype=True)
     _swarm(p)
-    add_flags(p, JobSettings, "job", only=["max_new_tokens", "chat"], rename={"chat": "--chat"})
+    add_flags(p, JobSettings, "job", only=["max_new_tokens", "chat"])
     add_flags(p, JobSettings, "job", only=["prompt"], required=["prompt"])
     add_flags(p, ClientSettings, "client")
     p.add_argument(

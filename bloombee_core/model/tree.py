@@ -35,23 +35,16 @@ class TreeAttention:
     def mask(self, config: PretrainedConfig, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """A 4-D attention mask [batch, 1, queries, keys] in the form the model's attention expects: bool
         (True = attend) for SDPA, additive float (0 / lowest) for eager attention. With ``window``, a
-        query sees only keys less than ``window`` positions behind it."""
+        query sees only keys less than ``window`` positions behind it (itself always: distance 0)."""
         visible = self.visible
         if window:
             distance = self.query_positions[:, :, None] - self.key_positions[:, None, :]
             visible = visible & (distance < window)
-            visible = visible | self._self_only()  # a token always sees itself (no empty rows)
         visible = visible[:, None]
         if getattr(config, "_attn_implementation", None) == "sdpa":
             return visible
         zero = torch.zeros((), dtype=dtype, device=visible.device)
         return torch.where(visible, zero, torch.finfo(dtype).min)
-
-    def _self_only(self) -> torch.Tensor:
-        batch, queries, keys = self.visible.shape
-        eye = torch.zeros(queries, keys, dtype=torch.bool, device=self.visible.device)
-        eye[:, keys - queries :] = torch.eye(queries, dtype=torch.bool, device=self.visible.device)
-        return eye.expand(batch, -1, -1)
 
 
 def tree_attention(
