@@ -139,7 +139,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
         else:
             median = f"{_ms(r['median_s'])} to 1st token"
         rows.append(
-            f"| {scenario} | {r['model_label']} | {r['split']} | {_link_text(r['link'])} | {r['batch']} "
+            f"| {scenario} | {r['model_label']} | {r['split']} | {link_text(r['link'])} | {r['batch']} "
             f"| {r['prompt_tokens']}+{r['new_tokens']} | {median} | {_ms(r['min_s'])}–{_ms(r['max_s'])} "
             f"| {_ms(r['floor']['total_s'])} | {_ratio(r['ratio_to_floor'])} | {_ms(excess_per_hop(r))} "
             f"| {_ratio(r['ratio_to_baseline'])} "
@@ -148,7 +148,8 @@ def render_table(results: list[dict[str, Any]]) -> str:
     return head + "\n".join(rows) + ("\n" if rows else "")
 
 
-def _link_text(link: str) -> str:
+def link_text(link: str) -> str:
+    """A link's name as the tables show it: its one-way delay and cap."""
     spec = LINKS.get(link)
     if spec is None:
         return link

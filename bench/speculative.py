@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from bench.floors import LINKS, parse_link
+from bench.report import link_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "bench" / "results" / "speculative.json"
@@ -620,7 +621,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         accept = " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "–"
         rounds = "–" if r["rounds"] is None else f"{r['plain_rounds']:.0f} of {r['rounds']:.0f}"
         lines.append(
-            f"| {label} | {r['servers']} ({r['split']}) | {_link_text(r['link'])} "
+            f"| {label} | {r['servers']} ({r['split']}) | {link_text(r['link'])} "
             f"| {r['prompt_tokens']}+{r['tokens']} "
             f"| {_ms(p['median'])} ({_ms(p['min'])}–{_ms(p['max'])}) "
             f"| {_ms(s['median'])} ({_ms(s['min'])}–{_ms(s['max'])}) | {r['speedup']:.2f}× "
@@ -631,11 +632,6 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"| {'yes' if r['matches_plain'] else '**NO**'} | {r.get('code') or '?'} | `{r['command']}` |"
         )
     return head + "\n".join(lines) + ("\n" if lines else "")
-
-
-def _link_text(link: str) -> str:
-    spec = LINKS[link]
-    return f"{spec.delay_ms:g} ms, {'no cap' if spec.mbit is None else f'{spec.mbit:g} Mbit/s'}"
 
 
 def render_section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from bloombee_core.decoding import DecodingStrategy
 from bloombee_core.plugin import PluginOptions
-from bloombee_core.settings import PluginChoice
+from bloombee_core.settings import PluginChoice, choice
 
 if TYPE_CHECKING:
     import torch
@@ -37,9 +37,8 @@ if TYPE_CHECKING:
 
 
 class SpeculativeOptions(PluginOptions):
-    drafter: PluginChoice = Field(
-        default_factory=lambda: PluginChoice(name="prompt-lookup"),
-        description='the drafter and its options: a name or {name = "early-exit", blocks = 4}',
+    drafter: PluginChoice = choice(
+        "prompt-lookup", 'the drafter and its options: a name or {name = "early-exit", blocks = 4}'
     )
     max_nodes: int = Field(
         default=16, ge=1, le=255, description="draft tokens per sequence and round at most"
