@@ -76,21 +76,11 @@ def test_row_table_and_doc(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_speculative_group_through_a_proxied_swarm_then_nothing_left(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_one_speculative_group_through_a_proxied_swarm_then_nothing_left(bench_children: list) -> None:
     import bench.swarm
     from bench.models import load_bench_model
     from bench.speculative import run_group, settings
 
-    started: list[bench.swarm.Child] = []
-    original = bench.swarm.Child.__init__
-
-    def remember(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        original(self, *args, **kwargs)
-        started.append(self)
-
-    monkeypatch.setattr(bench.swarm.Child, "__init__", remember)
     every = settings(load_bench_model("smollm2").path, [2])
     chosen = [every["lookup-grounded"], every["early-exit-2"]]
     rows: list[dict] = []
@@ -102,7 +92,7 @@ def test_one_speculative_group_through_a_proxied_swarm_then_nothing_left(
         assert row["tokens"] >= 2 and row["rounds"] >= 1 and row["tokens_per_round"] >= 1
         assert row["spec_s_per_token"]["median"] > 0 and row["plain_s_per_token"]["median"] > 0
         assert row["planner_predicted"] is not None and row["predicted_from_acceptance"] is not None
-    assert {c.name for c in started} == {"bootstrap", "proxies", "server0", "server1"}
-    for child in started:
+    assert {c.name for c in bench_children} == {"bootstrap", "proxies", "server0", "server1"}
+    for child in bench_children:
         assert child.proc.poll() is not None
         assert bench.swarm.live_group_members(child.proc.pid) == []
