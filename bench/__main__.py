@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import speculative
 
         return speculative.main(argv[1:])
+    if argv[:1] == ["defaults"]:
+        from bench import defaults
+
+        return defaults.main(argv[1:])
     args = parse_args(argv)
     from rich.console import Console
 

@@ -116,14 +116,24 @@ def floor_for(model: BenchModel, scenario: Scenario, servers: int, link: Link, c
 
 @contextmanager
 def swarm_client(
-    model: BenchModel, cuts: list[int], link: Link, threads: int, ready_timeout: float, variant: str = ""
+    model: BenchModel,
+    cuts: list[int],
+    link: Link,
+    threads: int | None,
+    ready_timeout: float,
+    variant: str = "",
+    proxy_per_server: bool = False,
 ) -> Iterator[Any]:
-    """A running swarm for ``cuts`` behind ``link`` and a client connected to it: yields (client, swarm)."""
+    """A running swarm for ``cuts`` behind ``link`` and a client connected to it: yields (client, swarm).
+    ``threads``: the servers' torch threads (None: their default)."""
     from bench.fastpath import patched
     from bench.swarm import BenchSwarm
     from bloombee_core.client import AutoDistributedModelForCausalLM
 
-    with patched(variant), BenchSwarm(model.path, cuts, link, threads=threads, variant=variant) as swarm:
+    swarm_at = BenchSwarm(
+        model.path, cuts, link, threads=threads, variant=variant, proxy_per_server=proxy_per_server
+    )
+    with patched(variant), swarm_at as swarm:
         client = AutoDistributedModelForCausalLM.from_pretrained(
             model.path, initial_peers=swarm.initial_peers, dtype=model.dtype
         )

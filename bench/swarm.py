@@ -156,16 +156,18 @@ class BenchSwarm:
         cuts: list[int],
         link: Link,
         dtype: str = "float32",
-        threads: int = 1,
+        threads: int | None = 1,
         log_dir: Path | None = None,
         start_timeout: float = 120.0,
         variant: str = "",
+        proxy_per_server: bool = False,
     ) -> None:
         self.model_path = model_path
         self.cuts = cuts
         self.link = link
         self.dtype = dtype
-        self.threads = threads
+        self.threads = threads  # None: what a user gets, no --threads and no OpenMP variables
+        self.proxy_per_server = proxy_per_server  # each server's proxy in its own process
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bloombee-bench-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -193,13 +195,20 @@ class BenchSwarm:
                 proxy_ports = self.proxy_ports = [free_port() for _ in spans]
                 pairs = [f"{p}:127.0.0.1:{s}" for p, s in zip(proxy_ports, server_ports, strict=True)]
                 mbit = [] if self.link.mbit is None else ["--mbit", f"{self.link.mbit:g}"]
-                proxies = self._spawn(
-                    "proxies",
-                    ["-m", "bench.proxyhost", "--delay-ms", f"{self.link.delay_ms:g}", *mbit, *pairs],
+                groups = [[pair] for pair in pairs] if self.proxy_per_server else [pairs]
+                for i, group in enumerate(groups):
+                    proxies = self._spawn(
+                        "proxies" if i == 0 else f"proxies{i}",
+                        ["-m", "bench.proxyhost", "--delay-ms", f"{self.link.delay_ms:g}", *mbit, *group],
+                    )
+                    proxies.wait_for(r"\bready\b", 30)
+            env, thread_flag = None, []
+            if self.threads is not None:
+                threads = str(self.threads)
+                env, thread_flag = (
+                    {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                    ["--threads", threads],
                 )
-                proxies.wait_for(r"\bready\b", 30)
-            threads = str(self.threads)
-            env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             for i, ((a, b), sport, pport) in enumerate(zip(spans, server_ports, proxy_ports, strict=True)):
                 self._spawn(
                     f"server{i}",
@@ -210,7 +219,7 @@ class BenchSwarm:
                         "--dtype", self.dtype,
                         "--listen", f"/ip4/127.0.0.1/tcp/{sport}",
                         "--announce", f"/ip4/127.0.0.1/tcp/{pport}",
-                        "--threads", threads,
+                        *thread_flag,
                     ],
                     env,
                 )  # fmt: skip
@@ -235,6 +244,8 @@ class BenchSwarm:
     def proxy_bytes(self, timeout: float = 5.0) -> list[tuple[int, int]]:
         """Bytes each server's proxy has carried so far, (to the server, from the server), in chain order."""
         proxies = next((c for c in self.children if c.name == "proxies"), None)
+        if self.proxy_per_server:
+            raise RuntimeError("byte counts need the proxies in one process (proxy_per_server=False)")
         if proxies is None:
             raise RuntimeError("this swarm has no proxies (link 'direct'); byte counts need a proxied link")
         seen = proxies.log_tail(1_000_000).count("bytes ")
