@@ -3,7 +3,10 @@
 With no arguments it sweeps everything (every scenario × model × 2 and 3 servers × every link). Choose
 a subset with ``--scenario/--model/--servers/--link`` (each repeatable); ``--quick`` is a small sweep.
 Results of a partial run replace only their own rows in the JSON file and the table.
-``python -m bench speculative ...`` runs the speculative-decoding benchmark instead (bench/speculative.py).
+``python -m bench speculative ...`` runs the speculative-decoding benchmark instead (bench/speculative.py),
+``python -m bench pipeline ...`` the micro-batch pipeline and chunked prefill on vs off (bench/pipeline.py),
+``python -m bench concurrent ...`` concurrent clients through one server, batching on vs off (bench/concurrent.py),
+``python -m bench defaults ...`` batch-1 decode with a user's defaults beside the tuned setup (bench/defaults.py).
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["concurrent"]:
+        from bench import concurrent
+
+        return concurrent.main(argv[1:])
     if argv[:1] == ["speculative"]:
         from bench import speculative
 
@@ -72,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import defaults
 
         return defaults.main(argv[1:])
+    if argv[:1] == ["pipeline"]:
+        from bench import pipeline
+
+        return pipeline.main(argv[1:])
     args = parse_args(argv)
     from rich.console import Console
 

@@ -29,7 +29,6 @@ import torch
 
 from bench.floors import decode_floor, parse_link
 from bench.models import even_cuts, load_bench_model, random_prompt
-from bench.speculative import spread
 
 RESULTS = Path(__file__).parent / "results" / "defaults.json"
 DEFAULT_THREADS = torch.get_num_threads()  # what this process got before anything set it
@@ -112,8 +111,8 @@ def run(runs: int, tokens: int) -> list[dict[str, Any]]:
                 "setup": setup.name,
                 "label": setup.label,
                 "client_threads": DEFAULT_THREADS if setup.threads is None else setup.threads,
-                "whole_ms_per_token": spread([v * 1e3 for v in whole]),
-                "step_ms": spread([v * 1e3 for v in step]),
+                "whole_ms_per_token": _spread(whole),
+                "step_ms": _spread(step),
                 "floor_ms": floor.total_s * 1e3,
                 "per_hop_overhead_ms": (statistics.median(whole) - floor.total_s) * 1e3 / hops,
                 "tokens": tokens,
@@ -128,6 +127,11 @@ def run(runs: int, tokens: int) -> list[dict[str, Any]]:
 
 def _threads(setup: Setup) -> None:
     torch.set_num_threads(DEFAULT_THREADS if setup.threads is None else setup.threads)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    ms = [v * 1e3 for v in values]
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
 
 
 def one_line(row: dict[str, Any]) -> str:

@@ -369,7 +369,7 @@ def step_cost_fit(round_times: list[list[Any]]) -> dict[str, float] | None:
     return {"t0_s": my - slope * mx, "per_node_s": slope, "rounds": len(points)}
 
 
-def spread(values: list[float]) -> dict[str, float]:
+def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -443,8 +443,8 @@ def make_row(
         "prompt_tokens": prompt_tokens,
         "new_tokens_max": new_tokens,
         "tokens": len(plain[0].tokens),
-        "plain_s_per_token": spread(plain_s),
-        "spec_s_per_token": spread(spec_s),
+        "plain_s_per_token": _spread(plain_s),
+        "spec_s_per_token": _spread(spec_s),
         "plain_runs_s": plain_s,
         "spec_runs_s": spec_s,
         "speedup": statistics.median(plain_s) / statistics.median(spec_s),

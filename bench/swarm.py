@@ -243,9 +243,9 @@ class BenchSwarm:
 
     def proxy_bytes(self, timeout: float = 5.0) -> list[tuple[int, int]]:
         """Bytes each server's proxy has carried so far, (to the server, from the server), in chain order."""
+        proxies = next((c for c in self.children if c.name == "proxies"), None)
         if self.proxy_per_server:
             raise RuntimeError("byte counts need the proxies in one process (proxy_per_server=False)")
-        proxies = next((c for c in self.children if c.name == "proxies"), None)
         if proxies is None:
             raise RuntimeError("this swarm has no proxies (link 'direct'); byte counts need a proxied link")
         seen = proxies.log_tail(1_000_000).count("bytes ")

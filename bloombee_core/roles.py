@@ -91,6 +91,8 @@ def run_generate(job: ClientJob, plugins: PluginSet, threads: int | None = None)
         transport=plugins.create("transports", job.network.transport, "network.transport"),
         family=job.model.family,
         plugins=plugins,
+        micro_batch=job.client.micro_batch,
+        prefill_chunk=job.client.prefill_chunk,
     )
 
 

@@ -103,7 +103,20 @@ def parse_blocks(text: str) -> tuple[int, int]:
 
 class ServerSettings(_Section):
     blocks: str | None = Field(None, description="Span to host, 'A:B' (blocks A..B-1).")
-    num_blocks: int | None = Field(None, ge=1, description="Host this many of the least-served blocks.")
+    num_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Without blocks: host this many blocks where they raise the swarm's throughput most.",
+    )
+    rebalance_every: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds between checks whether moving to other blocks would raise the swarm's "
+        "throughput clearly (servers without blocks only; 0: never move).",
+    )
+    throughput: float | None = Field(
+        None, gt=0, description="Tokens/s to announce instead of measuring the span (at start, after a move)."
+    )
     device: str = Field("cpu", description="Where the blocks compute: cpu, cuda, cuda:1 ...")
     dtype: DtypeName | None = Field(
         None, description="Weights and hidden states dtype; default: model.dtype."
@@ -122,6 +135,19 @@ class ServerSettings(_Section):
     )
     ttl: float = Field(
         30.0, gt=0, description="Seconds the server's DHT records live (refreshed every ttl/3)."
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Most milliseconds a due inference step waits for other sessions' steps to share "
+        "its forward (0: batch only what is already queued).",
+    )
+    max_batch_tokens: int = Field(
+        256,
+        ge=0,
+        description="Tokens (rows x new tokens) of all steps in one batched forward; larger steps run "
+        "alone; 0 turns cross-session batching off.",
     )
     offload: PluginChoice = choice("none", description="Offload policy: where the span's weights live.")
     compressor: PluginChoice = choice(
@@ -152,6 +178,22 @@ class ClientSettings(_Section):
     decoding: PluginChoice = choice(
         "greedy", description="Decoding strategy: greedy, sampling, speculative ..."
     )
+    micro_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Rows per micro-batch of a batched generation (pipelined over the servers); "
+        "auto: chosen from measured latency and compute, off where it cannot pay; 0: off.",
+    )
+    prefill_chunk: int | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per chunk of a long prompt's prefill (chunks pipelined over the servers); 0: off.",
+    )
+
+    @field_validator("micro_batch", "prefill_chunk")
+    @classmethod
+    def _not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be 'auto' or a non-negative integer, got {value}")
+        return value
 
 
 class JobSettings(_Section):

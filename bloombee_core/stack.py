@@ -149,7 +149,9 @@ class Stack:
             model_settings = settings.model.model_copy(update={"path": str(model)})
             for i, server in enumerate(settings.server):
                 picks_blocks = server.blocks is None
-                if picks_blocks:  # it picks the least-served blocks: earlier servers must have announced
+                if (
+                    picks_blocks
+                ):  # it picks the span that raises throughput most: earlier servers must have announced
                     for other in pending:
                         self._report(other)
                     pending = []

@@ -89,6 +89,21 @@ def save_tiny(config: PretrainedConfig, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def client_and_two_spans(folder: Path) -> tuple[ClientPart, list[BlockSpan]]:
+    """A saved model's client part and its blocks in two spans, cut at the allowed cut nearest the middle."""
+    from bloombee_core import load_plugins
+
+    config = load_config(folder)
+    family = load_plugins().family_for(config)
+    cuts = family.allowed_cuts(config)
+    middle = cuts[len(cuts) // 2]
+    client = family.load_client(folder, config, torch.float32)
+    spans = [
+        family.load_span(folder, config, a, b, torch.float32) for a, b in ((0, middle), (middle, cuts[-1]))
+    ]
+    return client, spans
+
+
 def positions_like_generate(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids exactly as transformers ``generate`` computes them from a 2-D padding mask."""
     position_ids = attention_mask.long().cumsum(-1) - 1

@@ -1,4 +1,4 @@
-"""Pure logic of the swarm: wire format and its validation, records, routing, block choice, bans."""
+"""Pure logic of the swarm: wire format and its validation, records, routing, bans (block choice: test_placement.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from bloombee_core.compression import RAW
 from bloombee_core.swarm import wire
-from bloombee_core.swarm.records import ServerRecord, coverage, least_served_span
+from bloombee_core.swarm.records import ServerRecord
 from bloombee_core.swarm.routing import BanList, NoRouteError, plan_route
 from bloombee_core.transport import FrameStream
 
@@ -155,20 +155,6 @@ def test_route_respects_allowed_cuts():
     servers = {"a": rec("a", 0, 4), "b": rec("b", 2, 8)}
     hops = plan_route(servers, 0, 8, [0, 2, 4, 8])
     assert all(h.start in (0, 2, 4, 8) and h.end in (0, 2, 4, 8) for h in hops)
-
-
-def test_new_servers_pick_the_least_served_blocks():
-    counts = coverage([rec("a", 0, 15)], 30)
-    assert least_served_span(counts, 15, range(31)) == (15, 30)
-    assert least_served_span([2, 2, 1, 0, 0, 1], 2, range(7)) == (3, 5)
-
-
-def test_num_blocks_honours_allowed_cuts():
-    # Gemma 4 style: blocks 2..5 share KV and stay together, so the only cuts are 0, 1, 2, 6
-    cuts = [0, 1, 2, 6]
-    assert least_served_span([1, 1, 0, 0, 0, 0], 4, cuts) == (2, 6)
-    assert least_served_span([0, 0, 1, 1, 1, 1], 3, cuts) == (0, 2)  # no 3-block span: the longest shorter
-    assert least_served_span([0] * 6, 3, [0, 6]) == (0, 6)  # nothing shorter: the shortest longer
 
 
 def test_bans_grow_with_repeated_failures():

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_helpers import FAMILY_CONFIGS, SMALL, TINY, load_reference, save_tiny
+from family_helpers import FAMILY_CONFIGS, SMALL, TINY, client_and_two_spans, load_reference, save_tiny
 from transformers import (
     FalconConfig,
     Gemma2Config,
     MistralConfig,
 )
 
-from bloombee_core import load_plugins
-from bloombee_core.model import load_config
 from bloombee_core.model.tree import tree_attention
 
 # every family's tiny model, and attention variants besides: a Mistral sliding window, Falcon's ALiBi,
@@ -57,14 +55,7 @@ def path(parents: list[int], node: int) -> list[int]:
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def split(request, tmp_path_factory):
     folder = save_tiny(CONFIGS[request.param](), tmp_path_factory.mktemp(request.param))
-    config = load_config(folder)
-    family = load_plugins().family_for(config)
-    cuts = family.allowed_cuts(config)
-    middle = cuts[len(cuts) // 2]
-    client = family.load_client(folder, config, torch.float32)
-    spans = [
-        family.load_span(folder, config, a, b, torch.float32) for a, b in ((0, middle), (middle, cuts[-1]))
-    ]
+    client, spans = client_and_two_spans(folder)
     return client, spans, load_reference(folder)
 
 

@@ -1,4 +1,4 @@
-"""``bloombee status``: what the DHT says about every model's servers and block coverage."""
+"""``bloombee status``: what the DHT says about every model's servers, block coverage and throughput."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
+from bloombee_core.swarm.placement import block_throughput, bottleneck
 from bloombee_core.swarm.records import coverage, fetch_models, fetch_servers
 from bloombee_core.transport import Transport
 
 
 async def collect(transport: Transport) -> dict[str, Any]:
-    """``{"models": [{"key", "name", "family", "num_blocks", "servers": [...], "coverage": [...]}]}``."""
+    """``{"models": [{"key", "name", "family", "num_blocks", "servers": [...], "coverage": [...],
+    "block_throughput": [...], "bottleneck": {"throughput", "blocks"}}]}``."""
     found = await fetch_models(transport)
     for _ in range(3):  # a node that just joined may not reach the record holders on its first lookups
         if found:
@@ -22,6 +24,8 @@ async def collect(transport: Transport) -> dict[str, Any]:
     for key, info in sorted(found.items()):
         servers = await fetch_servers(transport, key, info["num_blocks"])
         records = sorted(servers.values(), key=lambda r: (r.start, r.end, r.peer))
+        capacity = block_throughput(records, info["num_blocks"])
+        weakest, weak_blocks = bottleneck(capacity)
         models.append(
             {
                 "key": key,
@@ -30,6 +34,8 @@ async def collect(transport: Transport) -> dict[str, Any]:
                 "num_blocks": info["num_blocks"],
                 "servers": [asdict(r) for r in records],
                 "coverage": coverage(records, info["num_blocks"]),
+                "block_throughput": capacity,
+                "bottleneck": {"throughput": weakest, "blocks": weak_blocks},
             }
         )
     return {"models": models}
@@ -48,13 +54,24 @@ def render(report: dict[str, Any], console: Any = None) -> None:
         table = Table(
             title=f"{model['name']}  ({model['family']}, {model['num_blocks']} blocks, key {model['key']})"
         )
-        for column in ("server", "name", "blocks", "throughput (tok/s)", "cache left", "dtype", "version"):
+        columns = (
+            "server",
+            "name",
+            "blocks",
+            "placed",
+            "throughput (tok/s)",
+            "cache left",
+            "dtype",
+            "version",
+        )
+        for column in columns:
             table.add_column(column)
         for s in model["servers"]:
             table.add_row(
                 s["peer"][-12:],
                 s["public_name"] or "-",
                 f"{s['start']}:{s['end']}",
+                "auto" if s.get("movable") else "fixed",
                 f"{s['throughput']:.1f}",
                 _bytes(s["cache_left"]),
                 s["dtype"],
@@ -72,6 +89,23 @@ def render(report: dict[str, Any], console: Any = None) -> None:
             console.print(f"[bold red]missing blocks: {_ranges(missing)}[/] — no server hosts them")
         else:
             console.print("[green]every block is served[/]")
+        if "block_throughput" in model and not missing:
+            _print_throughput(console, model["block_throughput"], model["bottleneck"])
+
+
+def _print_throughput(console: Any, capacity: list[float], weakest: dict[str, Any]) -> None:
+    """Per-block throughput (sum over the servers hosting each block) and the swarm's bottleneck."""
+    from rich.text import Text
+
+    line = Text("throughput per block (tok/s): ")
+    for index, value in enumerate(capacity):
+        line.append(f"{index}:{value:.1f}", style="bold yellow" if index in weakest["blocks"] else "")
+        line.append(" ")
+    console.print(line)
+    console.print(
+        f"swarm throughput: {weakest['throughput']:.1f} tok/s, "
+        f"bottleneck at blocks {_ranges(weakest['blocks'])}"
+    )
 
 
 def _bytes(n: int) -> str:

@@ -30,6 +30,8 @@ def generate_text(
     transport: Transport | None = None,
     family: str | None = None,
     out: TextIO | None = None,
+    micro_batch: int | str = "auto",
+    prefill_chunk: int | str = "auto",
 ) -> str:
     """Generate from ``prompt`` (as a chat turn, if the tokenizer has a chat template), print the tokens
     to ``out`` as they arrive, and return the new text. ``transport`` (not started yet) is how the client
@@ -50,6 +52,8 @@ def generate_text(
         compressor=compressor,
         transport=transport,
         family=family,
+        micro_batch=micro_batch,
+        prefill_chunk=prefill_chunk,
     )
     try:
         if chat and getattr(tokenizer, "chat_template", None):

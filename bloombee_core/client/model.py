@@ -25,14 +25,20 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bloombee_core.client import forward_backward
 from bloombee_core.client.membership import SwarmMembership
+from bloombee_core.client.pipeline import (
+    PipelineStats,
+    Size,
+    check_size,
+    generate_micro_batches,
+    micro_batch_size,
+)
 from bloombee_core.client.sessions import InferenceSession
-from bloombee_core.client.swarm_client import SwarmClient
-from bloombee_core.compression import RAW, Compressor
+from bloombee_core.client.swarm_client import SwarmClient, swarm_client_for
+from bloombee_core.compression import Compressor
 
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-    from bloombee_core.family import ModelFamily
     from bloombee_core.model import ClientPart
     from bloombee_core.registry import PluginSet
     from bloombee_core.swarm.routing import Hop
@@ -75,7 +81,8 @@ class InferenceSessionHandle:
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, trees: bool = False) -> None:
         self.model = model
-        self.inner = InferenceSession(model.swarm, max_length, trees)
+        self.inner = InferenceSession(model.swarm, max_length, trees, model.prefill_chunk)
+        self.inner.on_chunks = model.pipeline_stats.chunks
         self.speculation: dict[str, Any] = {}  # what speculative decoding achieved in this session
 
     @property
@@ -100,7 +107,12 @@ class InferenceSessionHandle:
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states through every block (see :meth:`InferenceSession.step` for ``tree`` and ``keep``)."""
-        return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer, tree, keep))
+        stats = self.model.pipeline_stats
+        stats.enter("steps")
+        try:
+            return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer, tree, keep))
+        finally:
+            stats.leave("steps")
 
     @torch.no_grad()
     def step_tokens(
@@ -121,7 +133,7 @@ class InferenceSessionHandle:
         return self.step(hidden, position_ids.to(torch.int64), mask, per_layer, tree, keep).to(hidden.dtype)
 
     def close(self) -> None:
-        self.inner.close()
+        self.model.loop.soon(self.inner.close)  # its streams belong to the loop's thread
 
 
 class _RemoteBlocks(torch.autograd.Function):
@@ -144,14 +156,8 @@ class _RemoteBlocks(torch.autograd.Function):
         out, pieces = model.loop.run(
             forward_backward.forward(model.swarm, hidden.detach(), position_ids, mask, given)
         )
-        ctx.model, ctx.pieces, ctx.position_ids, ctx.mask, ctx.per_layer = (
-            model,
-            pieces,
-            position_ids,
-            mask,
-            given,
-        )
-        ctx.names = names
+        ctx.model, ctx.pieces, ctx.names = model, pieces, names
+        ctx.position_ids, ctx.mask, ctx.per_layer = position_ids, mask, given
         return out.to(hidden.dtype)
 
     @staticmethod
@@ -178,6 +184,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     # ... nor experts (transformers would otherwise look for a decorator in this module's source)
     _can_set_experts_implementation_cached_value = True
+    micro_batch: Size = "auto"  # rows per micro-batch of a batched generate (docs/pipeline.md)
+    prefill_chunk: Size = "auto"  # tokens per chunk of a long prefill; 0: never cut
 
     def __init__(
         self,
@@ -196,6 +204,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.loop = membership.loop
         self._membership = membership
         self._session: InferenceSessionHandle | None = None
+        self.pipeline_stats = PipelineStats()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.client.model.get_input_embeddings()
@@ -223,7 +232,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate``; ``decoding=`` runs a decoding strategy instead (a plugin name, a
         ``{"name": ..., **options}`` map, or a strategy), e.g. ``decoding={"name": "speculative",
-        "drafter": "prompt-lookup"}``."""
+        "drafter": "prompt-lookup"}``; ``micro_batch=`` (rows, or ``"auto"``) splits a batch into
+        micro-batches generated at once (:mod:`bloombee_core.client.pipeline`)."""
         decoding = kwargs.pop("decoding", None)
         if decoding is not None:
             from bloombee_core.decoding import DecodingStrategy
@@ -235,11 +245,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return decoding.generate(
                 self, inputs if inputs is not None else kwargs.pop("input_ids"), *args, **kwargs
             )
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            return super().generate(inputs, *args, **kwargs)
-        if self._session is not None:
-            return super().generate(inputs, *args, cache=RemoteCache(self._session), **kwargs)
+        given = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        if given or self._session is not None:  # one cache or session is given: no micro-batches
+            kwargs.pop("micro_batch", None)
+            cache = {} if given else {"cache": RemoteCache(self._session)}
+            return super().generate(inputs, *args, **cache, **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
+        size = micro_batch_size(self, ids, kwargs)  # pops micro_batch=; 0: the batch stays whole
+        if size:
+            return generate_micro_batches(self, ids, size, args, kwargs)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         length = ids.shape[1] if ids is not None else 1
@@ -330,6 +344,8 @@ class AutoDistributedModelForCausalLM:
         family: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 6,
+        micro_batch: Size = "auto",
+        prefill_chunk: Size = "auto",
         **_: Any,
     ) -> DistributedModelForCausalLM:
         from bloombee_core.dtypes import torch_dtype
@@ -351,11 +367,15 @@ class AutoDistributedModelForCausalLM:
         transport = transport if transport is not None else plugins.create("transports", "hivemind")
         membership = SwarmMembership.join(transport, initial_peers)
         try:
-            swarm = _swarm_client(
+            swarm = swarm_client_for(
                 config, folder, adapter, transport, plugins, compressor, timeout, max_retries
             )
             model = DistributedModelForCausalLM(
                 copy.deepcopy(config), client_part, swarm, membership, folder, plugins
+            )
+            model.micro_batch, model.prefill_chunk = (
+                check_size(micro_batch, "micro_batch"),
+                check_size(prefill_chunk, "prefill_chunk"),
             )
         except BaseException:
             membership.close()  # leave the swarm again: no DHT process or p2pd may outlive a failed load
@@ -365,27 +385,3 @@ class AutoDistributedModelForCausalLM:
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(model.config)
         return model.eval()
-
-
-def _swarm_client(
-    config: PretrainedConfig,
-    folder: Path,
-    family: ModelFamily,
-    transport: Transport,
-    plugins: PluginSet,
-    compressor: Compressor | None,
-    timeout: float,
-    max_retries: int,
-) -> SwarmClient:
-    from bloombee_core.swarm.records import model_key
-
-    return SwarmClient(
-        transport,
-        model_key(config, folder),
-        family.num_blocks(config),
-        family.allowed_cuts(config),
-        compressor=compressor if compressor is not None else RAW,
-        compressors=plugins.instances_without_options("compressors"),
-        timeout=timeout,
-        max_retries=max_retries,
-    )

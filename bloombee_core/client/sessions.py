@@ -13,10 +13,12 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bloombee_core.client.pipeline import Size, prefill_chunks
 from bloombee_core.client.retry import retryable
 from bloombee_core.client.rpc import Tensors, for_blocks, read_reply, step_inputs
 from bloombee_core.swarm import wire
@@ -76,10 +78,12 @@ class HopSession:
             self.opening = False
         return await read_reply(self.stream, client.decoders)
 
-    async def send(self, client: SwarmClient, tensors: Tensors) -> None:
-        """Deliver the current step's input ourselves (no push, or a push that is late)."""
+    async def send(self, client: SwarmClient, tensors: Tensors, ahead: int = 0) -> None:
+        """Deliver the current step's input ourselves (no push, or a push that is late); with ``ahead``,
+        the input of the step that many after the current one (steps in flight: chunked prefill)."""
         assert self.stream is not None
-        await wire.send(self.stream, {"type": "step", "step": self.steps}, tensors, client.compressor)
+        header = {"type": "step", "step": self.steps + ahead}
+        await wire.send(self.stream, header, tensors, client.compressor)
         self.sent += 1
 
     async def receive(
@@ -142,8 +146,12 @@ class HopSession:
 class InferenceSession:
     """A chain of server sessions that keep KV caches across steps (see the module docstring)."""
 
-    def __init__(self, client: SwarmClient, max_length: int, trees: bool = False) -> None:
+    def __init__(
+        self, client: SwarmClient, max_length: int, trees: bool = False, prefill_chunk: Size = 0
+    ) -> None:
         self.client = client
+        self.prefill_chunk = prefill_chunk  # tokens per chunk of a long step ("auto", 0: never cut)
+        self.on_chunks: Callable[[int], None] | None = None  # told how many chunks each cut step had
         self.max_length = max_length
         self.trees = trees  # steps may be token trees (speculative decoding), the servers keep all rows
         self.batch: int | None = None
@@ -210,7 +218,17 @@ class InferenceSession:
         if not self.hops:
             self.hops = await self._opened(0, self.client.num_blocks, None)
         base = step_inputs(position_ids, mask, per_layer, tree, keep)
-        index, retries, pushed = 0, self.client.retries(), False
+        cuts = [(0, length)] if self.trees else prefill_chunks(length, len(self.hops), self.prefill_chunk)
+        if len(cuts) > 1:
+            hidden = await self._chunked(base, hidden, position, cuts)
+        else:
+            hidden = await self._through(0, base, hidden)
+        self.position, self.last_tokens = position + length, length
+        return hidden
+
+    async def _through(self, index: int, base: Tensors, hidden: torch.Tensor) -> torch.Tensor:
+        """One step's ``hidden`` (the output of the hops before ``index``) through hops ``index:``."""
+        retries, pushed = self.client.retries(), False
         while index < len(self.hops):
             hop = self.hops[index]
             tensors = for_blocks(base, hidden, hop.hop.start)
@@ -227,8 +245,66 @@ class InferenceSession:
             pushed = bool(head.get("pushed")) and index + 1 < len(self.hops)
             hidden = out
             index += 1
-        self.position, self.last_tokens = position + length, length
         return hidden
+
+    async def _chunked(
+        self, base: Tensors, hidden: torch.Tensor, past: int, cuts: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """One long step as consecutive steps of ``cuts`` tokens, all in flight at once: the first server
+        gets every chunk at once and each server pushes each chunk on as soon as it is computed. A hop
+        that fails is re-routed and the chunks it did not answer go on one at a time (:meth:`_through`)."""
+        chunks = [(chunk_inputs(base, past, a, b), hidden[:, a:b].contiguous()) for a, b in cuts]
+        if self.on_chunks is not None:
+            self.on_chunks(len(chunks))
+        loop = asyncio.get_running_loop()
+        done = {id(h): [loop.create_future() for _ in chunks] for h in self.hops}
+        hops = list(self.hops)
+        results = await asyncio.gather(
+            *(self._drive(i, hops, chunks, done) for i in range(len(hops))), return_exceptions=True
+        )
+        failed = {id(h): r for h, r in zip(hops, results, strict=True) if isinstance(r, BaseException)}
+        outs = []
+        for j, (chunk_base, chunk_hidden) in enumerate(chunks):  # what a failure left undone, in order
+            index, current = 0, chunk_hidden
+            while index < len(self.hops) and _answered(done.get(id(self.hops[index])), j):
+                current = done[id(self.hops[index])][j].result()[0]
+                index += 1
+            if index < len(self.hops) and id(self.hops[index]) in failed:
+                exc = failed.pop(id(self.hops[index]))
+                await self.client.retries().failed(exc, self.hops[index].hop.peer)
+                await self._replace(index)
+            outs.append(
+                await self._through(index, chunk_base, current) if index < len(self.hops) else current
+            )
+        return torch.cat(outs, dim=1)
+
+    async def _drive(
+        self, index: int, hops: list[HopSession], chunks: list[tuple[Tensors, torch.Tensor]], done: dict
+    ) -> None:
+        """Hop ``index``'s part of a chunked step: each chunk's input, its reply, handed to the next hop."""
+        hop, mine = hops[index], done[id(hops[index])]
+        try:
+            if index == 0:
+                inputs = [for_blocks(b, h, hop.hop.start) for b, h in chunks]
+                for ahead, tensors in enumerate(inputs):
+                    await hop.send(self.client, tensors, ahead)
+            for j, (chunk_base, _) in enumerate(chunks):
+                if index == 0:
+                    tensors, pushed = inputs[j], False  # sent above: wait for the reply only
+                else:
+                    previous, pushed = await done[id(hops[index - 1])][j]
+                    tensors = for_blocks(chunk_base, previous, hop.hop.start)
+                    if not pushed:
+                        await hop.send(self.client, tensors)
+                out, head = await hop.receive(self.client, tensors, pushed)
+                mine[j].set_result((out, bool(head.get("pushed")) and index + 1 < len(hops)))
+        except BaseException as exc:
+            for future in mine:
+                if not future.done():
+                    future.set_exception(_Upstream())
+                    future.exception()  # retrieved: nobody needs to hear about it again
+            if not isinstance(exc, _Upstream):
+                raise
 
     async def _replace(self, index: int) -> None:
         """Swap hop ``index`` for a fresh chain over its blocks and rebuild its cache by replay."""
@@ -275,3 +351,20 @@ class InferenceSession:
             hop.close()
         self.hops = []
         self.closed = True
+
+
+class _Upstream(Exception):  # noqa: N818 - not an error: an earlier hop of a chunked step failed
+    """The hop before this one did not deliver a chunk."""
+
+
+def _answered(futures: list[asyncio.Future] | None, chunk: int) -> bool:
+    return futures is not None and futures[chunk].done() and futures[chunk].exception() is None
+
+
+def chunk_inputs(base: Tensors, past: int, start: int, end: int) -> Tensors:
+    """The shared step inputs of tokens ``start:end`` of a step after ``past`` cached tokens (the padding
+    mask covers everything cached before the chunk)."""
+    out = {}
+    for name, t in base.items():
+        out[name] = (t[:, : past + end] if name == "attention_mask" else t[:, start:end]).contiguous()
+    return out

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bloombee_core.client.retry import Retries
 from bloombee_core.client.rpc import Tensors, call
@@ -18,6 +18,14 @@ from bloombee_core.swarm import wire
 from bloombee_core.swarm.records import ServerRecord, fetch_servers
 from bloombee_core.swarm.routing import BanList, Hop, NoRouteError, plan_route
 from bloombee_core.transport import Transport
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from transformers import PretrainedConfig
+
+    from bloombee_core.family import ModelFamily
+    from bloombee_core.registry import PluginSet
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +109,28 @@ class SwarmClient:
             self.transport, hop.peer, header, tensors, self.compressor, self.decoders, self.timeout
         )
         return out
+
+
+def swarm_client_for(
+    config: PretrainedConfig,
+    folder: Path,
+    family: ModelFamily,
+    transport: Transport,
+    plugins: PluginSet,
+    compressor: Compressor | None,
+    timeout: float,
+    max_retries: int,
+) -> SwarmClient:
+    """The swarm client of one model, as ``from_pretrained`` makes it."""
+    from bloombee_core.swarm.records import model_key
+
+    return SwarmClient(
+        transport,
+        model_key(config, folder),
+        family.num_blocks(config),
+        family.allowed_cuts(config),
+        compressor=compressor if compressor is not None else RAW,
+        compressors=plugins.instances_without_options("compressors"),
+        timeout=timeout,
+        max_retries=max_retries,
+    )

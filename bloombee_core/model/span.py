@@ -134,8 +134,8 @@ class BlockSpan(nn.Module):
         treats every step that way (a plain step is a chain)."""
         batch, length = hidden.shape[:2]
         past = cache.length if cache is not None else 0
-        _check_inputs(self, hidden, position_ids, attention_mask, cache, past)
-        per_layer_inputs = _checked_per_layer_inputs(self, hidden, per_layer_inputs or {})
+        check_span_inputs(self, hidden, position_ids, attention_mask, cache, past)
+        per_layer_inputs = checked_per_layer_inputs(self, hidden, per_layer_inputs or {})
         kv = cache.kv if cache is not None else None
         attention = None
         if tree is not None or (cache is not None and cache.trees):
@@ -153,7 +153,7 @@ class BlockSpan(nn.Module):
         return hidden
 
 
-def _check_inputs(
+def check_span_inputs(
     span: BlockSpan,
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
@@ -183,7 +183,7 @@ def _check_inputs(
             )
 
 
-def _checked_per_layer_inputs(span: BlockSpan, hidden: torch.Tensor, given: dict) -> dict[str, torch.Tensor]:
+def checked_per_layer_inputs(span: BlockSpan, hidden: torch.Tensor, given: dict) -> dict[str, torch.Tensor]:
     wanted = span.family.per_layer_input_sizes(span.config)
     if set(given) != set(wanted):
         raise ValueError(f"this span needs per-layer inputs {sorted(wanted)}, got {sorted(given)}")

@@ -4,14 +4,17 @@ session's KV cache; and where each runs (one compute thread, small steps inline 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from bloombee_core.model import BlockSpan, SpanCache
+    from bloombee_core.model.batch import BatchItem
 
 T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]
@@ -46,6 +49,22 @@ class SpanCompute:
         """One inference step: the new tokens' outputs; ``cache`` grows by their keys and values."""
         return self._infer(view, cache, t)
 
+    def step_batch(self, view: BlockSpan, steps: list[tuple[SpanCache, Tensors]]) -> list[torch.Tensor]:
+        """Several sessions' steps in one forward (:mod:`bloombee_core.model.batch`); each one's outputs."""
+        from bloombee_core.model.batch import batched_forward
+
+        with torch.inference_mode():
+            outs = batched_forward(view, [self.batch_item(view, cache, t) for cache, t in steps])
+        return [out.to("cpu", t["hidden"].dtype) for out, (_, t) in zip(outs, steps, strict=True)]
+
+    def batch_item(self, view: BlockSpan, cache: SpanCache, t: Tensors) -> BatchItem:
+        """A step's inputs on the device, as a batched forward takes them."""
+        from bloombee_core.model.batch import BatchItem
+
+        hidden = t["hidden"].to(self.device, self.dtype)
+        pos, mask = t["position_ids"].to(self.device), _on(t.get("attention_mask"), self.device)
+        return BatchItem(cache, hidden, pos, mask, self._per_layer(view, t))
+
     def _infer(self, view: BlockSpan, cache: SpanCache | None, t: Tensors) -> torch.Tensor:
         hidden = t["hidden"]
         with torch.inference_mode():
@@ -65,19 +84,46 @@ class SpanCompute:
         return {k: t[k][:, :, :n].to(self.device, self.dtype) for k in self.per_layer_sizes}
 
 
+INTERACTIVE, BULK = 0, 1  # compute-thread priorities: inference steps first, then forward/backward
+
+
 class ComputeThread:
-    """The one thread compute runs on: jobs run one at a time, in the order they were handed over."""
+    """The one thread compute runs on: jobs run one at a time, interactive ones (inference steps) before
+    bulk ones (stateless forward / backward: fine-tuning), each kind in the order it was handed over. A
+    running job is never interrupted: a bulk job delays steps by at most its own length."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="bloombee-compute")
+        self._jobs: list[tuple[int, int, Callable[[], None]]] = []  # (priority, order, job): a heap
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._stopped = False
         self._busy = 0  # jobs handed to the thread and not finished
+        self._thread = threading.Thread(target=self._work, name="bloombee-compute", daemon=True)
+        self._thread.start()
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        self._busy += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self._busy -= 1
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
+
+    async def run(self, fn: Callable[..., T], *args: object, priority: int = BULK) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed back to the awaiting request
+                loop.call_soon_threadsafe(self._settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(self._settle, future, result, None)
+
+        with self._ready:
+            if self._stopped:
+                raise RuntimeError("the compute thread has stopped")
+            heapq.heappush(self._jobs, (priority, next(self._order), job))
+            self._ready.notify()
+        self._busy += 1  # until the job has finished, even if its caller stops waiting
+        return await future
 
     async def run_step(self, tokens: int, fn: Callable[..., T], *args: object) -> T:
         """An inference step of ``tokens`` (batch * tokens). Small ones (decoding) run right here on the
@@ -85,10 +131,32 @@ class ComputeThread:
         wake-ups, a noticeable share of a few-millisecond step; nothing else could run meanwhile anyway."""
         if tokens <= INLINE_TOKENS and self._busy == 0:
             return fn(*args)
-        return await self.run(fn, *args)
+        return await self.run(fn, *args, priority=INTERACTIVE)
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs and not self._stopped:
+                    self._ready.wait()
+                if self._stopped:
+                    return
+                _, _, job = heapq.heappop(self._jobs)
+            job()
+
+    def _settle(self, future: asyncio.Future, result: object, error: BaseException | None) -> None:
+        self._busy -= 1
+        if future.done():
+            return  # the request was cancelled meanwhile
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._ready:
+            self._stopped = True
+            self._jobs.clear()
+            self._ready.notify()
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

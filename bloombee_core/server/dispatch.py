@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from bloombee_core.server.checks import RequestError
+from bloombee_core.server.compute import BULK
 from bloombee_core.server.sessions import receive_pushes, serve_session
 from bloombee_core.swarm import wire
 from bloombee_core.swarm.wire import ProtocolError, TensorMeta
@@ -76,7 +77,7 @@ async def _stateless(
     view = server.view(header)
     tensors = await server.read_inputs(stream, metas, kind, view)
     run = server.compute.forward if kind == "forward" else server.compute.backward
-    outputs = await server.compute_thread.run(run, view, tensors)
+    outputs = await server.compute_thread.run(run, view, tensors, priority=BULK)  # behind inference steps
     await wire.send(stream, {"ok": True}, outputs, server.output_compressor)
 
 

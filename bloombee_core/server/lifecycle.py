@@ -1,10 +1,15 @@
 """A server's life: it measures its span, starts serving (:mod:`bloombee_core.server.dispatch`), keeps its
 DHT records fresh while it runs and marks them offline when it stops. It also holds what the requests
-share: the span and its views, the open sessions and the cache budget they reserve from."""
+share: the span and its views, the open sessions and the cache budget they reserve from.
+
+A server may move to other blocks (:meth:`Server.move_to`, driven by :mod:`bloombee_core.server.rebalance`)
+without interrupting anyone: sessions keep the view of the span they opened on, so the old span's
+weights stay until its last session closes, and only then are they dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Mapping
@@ -14,12 +19,13 @@ import torch
 
 from bloombee_core.compression import RAW, Compressor
 from bloombee_core.server import dispatch
+from bloombee_core.server.batching import StepBatcher
 from bloombee_core.server.checks import Limits, SpanChecks, check_values
 from bloombee_core.server.compute import ComputeThread, SpanCompute
 from bloombee_core.server.sessions import Session
 from bloombee_core.server.throughput import measure_throughput
 from bloombee_core.swarm import wire
-from bloombee_core.swarm.records import ServerRecord, announce
+from bloombee_core.swarm.records import ServerRecord, announce, withdraw
 from bloombee_core.swarm.wire import TensorMeta
 from bloombee_core.transport import FrameStream, Transport
 
@@ -48,6 +54,10 @@ class Server:
         version: str = "",
         limits: Limits | None = None,
         ttl: float = 30.0,
+        batch_wait_ms: float = 2.0,
+        max_batch_tokens: int = 256,
+        movable: bool = False,
+        throughput: float | None = None,
     ) -> None:
         self.transport = transport
         self.span = span
@@ -75,21 +85,37 @@ class Server:
         self.compute = SpanCompute(self.device, dtype, self.per_layer_sizes)
         self.compute_thread = ComputeThread()
         self.sessions: dict[str, Session] = {}
-        self.throughput = 0.0
+        self.batcher = StepBatcher(
+            self.compute, self.compute_thread, self.sessions, batch_wait_ms, max_batch_tokens
+        )
+        self.movable = movable  # chose its blocks itself: it may move (never with explicit --blocks)
+        self.fixed_throughput = throughput  # announced as given instead of measured
+        self.throughput = throughput or 0.0
         self._views: dict[tuple[int, int], BlockSpan] = {}
-        self._announcer: asyncio.Task | None = None
+        self.draining: list[Draining] = []  # old spans kept for the sessions opened on them
+        self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        probe = functools.partial(measure_throughput, self.span, self.dtype, self.device)
-        self.throughput = await self.compute_thread.run(probe)
+        self.throughput = await self.measure(self.span)
         await self.transport.serve(wire.PROTOCOL, functools.partial(dispatch.handle, self))
         await self._announce()
-        self._announcer = asyncio.create_task(self._announce_forever())
+        self.run_in_background(self._announce_forever())
+
+    async def measure(self, span: BlockSpan) -> float:
+        """The throughput to announce for ``span``: the configured one, or measured on the compute thread."""
+        if self.fixed_throughput is not None:
+            return self.fixed_throughput
+        probe = functools.partial(measure_throughput, span, self.dtype, self.device)
+        return await self.compute_thread.run(probe)
+
+    def run_in_background(self, work: Any) -> None:
+        """Run coroutine ``work`` until the server stops."""
+        self._tasks.append(asyncio.create_task(work))
 
     async def stop(self) -> None:
-        if self._announcer is not None:
-            self._announcer.cancel()
+        for task in self._tasks:
+            task.cancel()
         try:
             await asyncio.wait_for(self._announce(state="offline"), 2)
         except Exception:  # noqa: BLE001 - best effort: the records expire anyway
@@ -108,9 +134,11 @@ class Server:
             version=self.version,
             public_name=self.public_name,
             state=state,
+            movable=self.movable,
         )
 
     def info(self) -> dict[str, Any]:
+        self._drop_drained()
         return {
             "peer": self.transport.peer_id,
             "model": self.model,
@@ -123,10 +151,46 @@ class Server:
             "version": self.version,
             "sessions": len(self.sessions),
             "resident_fraction": self._resident_fraction(),
+            "batching": self.batcher.stats(),
+            "movable": self.movable,
+            "draining": [
+                [d.span.start, d.span.end, len(d.sessions & set(self.sessions))] for d in self.draining
+            ],
         }
 
+    # ---- moving to other blocks ------------------------------------------------------------------
+    async def move_to(self, span: BlockSpan, throughput: float) -> None:
+        """Serve ``span`` instead of the current one. New requests see only ``span`` at once; sessions
+        open on the old span keep it (and their KV caches) until they close."""
+        old, open_ids = self.span, set(self.sessions)
+        span.requires_grad_(False)
+        self.span, self._views, self.throughput = span, {}, throughput
+        self.checks = dataclasses.replace(self.checks, start=span.start, end=span.end)
+        if open_ids:
+            self.draining.append(Draining(old, open_ids))
+            self.run_in_background(self._drain())
+        await self._announce()
+        gone = [i for i in range(old.start, old.end) if not span.start <= i < span.end]
+        if not await withdraw(self.transport, self.model, self.record(), gone, self.ttl):
+            logger.warning("could not mark every old block record offline; they expire in %.0fs", self.ttl)
+        logger.info("moved from blocks %d:%d to %d:%d", old.start, old.end, span.start, span.end)
+
+    async def _drain(self) -> None:
+        while self._drop_drained():
+            await asyncio.sleep(0.5)
+
+    def _drop_drained(self) -> int:
+        """Forget old spans none of whose sessions is open any more; how many are still kept."""
+        for done in [d for d in self.draining if not d.sessions & set(self.sessions)]:
+            self.draining.remove(done)
+            logger.info("dropped blocks %d:%d: their last session closed", done.span.start, done.span.end)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return len(self.draining)
+
     async def _announce(self, state: str = "online") -> None:
-        ttl = self.ttl if state == "online" else 5.0
+        # an offline mark must outlive the online record it replaces (the DHT keeps the later one)
+        ttl = self.ttl
         ok = await announce(self.transport, self.model, self.record(state), ttl, self.model_info)
         if not ok:
             logger.warning("could not store every DHT record; retrying at the next refresh")
@@ -168,3 +232,11 @@ class Server:
         tensors = await wire.read_tensors(stream, metas, self.decoders, self.limits.max_tensor_bytes)
         check_values(tensors)
         return tensors
+
+
+@dataclasses.dataclass(eq=False)
+class Draining:
+    """A span the server moved away from, kept while sessions opened on it are open."""
+
+    span: BlockSpan
+    sessions: set[str]

@@ -1,4 +1,5 @@
-"""Running a server process: join the swarm, pick and load a span, serve until told to stop."""
+"""Running a server process: join the swarm, pick and load a span, serve (moving when the swarm needs it)
+until told to stop."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from bloombee_core.errors import ConfigError
 from bloombee_core.registry import PluginSet
 from bloombee_core.server.checks import Limits
 from bloombee_core.server.lifecycle import Server
+from bloombee_core.server.rebalance import Rebalancer
 from bloombee_core.settings import ServerJob
 from bloombee_core.swarm.aio import LoopThread
-from bloombee_core.swarm.records import coverage, fetch_servers, least_served_span, model_key
+from bloombee_core.swarm.placement import block_throughput, choose_span, estimate_throughput
+from bloombee_core.swarm.records import fetch_servers, model_key
 from bloombee_core.transport import Transport
 
 if TYPE_CHECKING:
@@ -66,22 +69,24 @@ async def start_server(
         if problem:
             raise ConfigError("server.blocks", problem)
     else:
-        servers = await fetch_servers(transport, key, num_blocks)
-        start, end = least_served_span(
-            coverage(list(servers.values()), num_blocks), opts.num_blocks or num_blocks, cuts
-        )
-        logger.info("chose the least-served blocks %d:%d", start, end)
+        records = list((await fetch_servers(transport, key, num_blocks)).values())
+        length = opts.num_blocks or num_blocks
+        own = opts.throughput or estimate_throughput(records, length)
+        start, end = choose_span(block_throughput(records, num_blocks), length, cuts, own)
+        logger.info("chose blocks %d:%d, where the swarm's throughput is lowest", start, end)
     dtype = torch_dtype(opts.dtype or job.model.dtype)
-    loop = asyncio.get_running_loop()
-    # With an offload policy the weights are read into CPU memory and the policy places them (only the
-    # resident share goes to the device): a span larger than the device must not be loaded there first.
-    offloading = offload.name != "none"
-    load_on = "cpu" if offloading else opts.device
-    span = await loop.run_in_executor(
-        None, lambda: family.load_span(path, config, start, end, dtype, load_on)
-    )
-    if offloading:
-        span = offload.apply(span, torch.device(opts.device))
+
+    async def load(start: int, end: int) -> BlockSpan:
+        # With an offload policy the weights are read into CPU memory and the policy places them (only the
+        # resident share goes to the device): a span larger than the device must not be loaded there first.
+        offloading = offload.name != "none"
+        load_on = "cpu" if offloading else opts.device
+        span = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: family.load_span(path, config, start, end, dtype, load_on)
+        )
+        return offload.apply(span, torch.device(opts.device)) if offloading else span
+
+    span = await load(start, end)
     compressors = plugins.instances_without_options("compressors")
     compressors[compressor.name] = compressor
     server = Server(
@@ -100,8 +105,14 @@ async def start_server(
         version=version(),
         limits=limits,
         ttl=opts.ttl,
+        batch_wait_ms=opts.batch_wait_ms,
+        max_batch_tokens=opts.max_batch_tokens,
+        movable=opts.blocks is None,
+        throughput=opts.throughput,
     )
     await server.start()
+    if server.movable and opts.rebalance_every > 0:
+        server.run_in_background(Rebalancer(server, load, opts.rebalance_every, num_blocks, cuts).run())
     return server
 
 

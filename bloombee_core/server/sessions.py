@@ -212,10 +212,8 @@ async def _run_steps(server: Server, stream: FrameStream, session: Session, step
         if "keep" in tensors:  # the accepted path of the last token tree: drop the rejected rows
             session.cache.keep(tensors["keep"], session.last_tokens)
         check_step_fits(session.cache.length, tensors, session.max_length)
-        batch, tokens = tensors["hidden"].shape[:2]
-        out = await server.compute_thread.run_step(
-            batch * tokens, server.compute.step, session.span, session.cache, tensors
-        )
+        tokens = tensors["hidden"].shape[1]
+        out = await server.batcher.step(session, tensors)  # alone or with other sessions' due steps
         session.last_tokens = tokens
         # The push is on the critical path (the next server waits for it); the reply is not
         # (the client keeps it for replay), so the push goes first.

@@ -27,6 +27,13 @@ class LoopThread:
             raise RuntimeError("LoopThread.run called from its own loop; await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def soon(self, fn: Callable[[], object]) -> None:
+        """``fn()`` on the loop's thread (streams are not thread-safe), without waiting for it."""
+        if threading.current_thread() is self._thread or not self.loop.is_running():
+            fn()
+        else:
+            self.loop.call_soon_threadsafe(fn)
+
     def stop(self) -> None:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,7 @@ class ServerRecord:
     public_name: str = ""
     state: str = "online"  # "online" | "offline" (announced on a clean shutdown)
     addrs: list[str] = field(default_factory=list)
+    movable: bool = False  # chose its blocks itself and may move (see bloombee_core.swarm.placement)
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -113,6 +114,7 @@ class ServerRecord:
                 public_name=str(value.get("public_name", "")),
                 state=str(value.get("state", "online")),
                 addrs=[str(a) for a in value.get("addrs", [])][:8],
+                movable=value.get("movable") is True,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -135,10 +137,27 @@ async def announce(
     return all(await asyncio.gather(*stores))
 
 
+async def withdraw(
+    transport: Transport, model: str, record: ServerRecord, blocks: Iterable[int], ttl: float
+) -> bool:
+    """Mark ``record``'s peer offline under ``blocks`` (blocks it no longer hosts).
+
+    A DHT keeps, per subkey, the value that expires last, so the offline mark must outlive the online
+    record it replaces: it expires ``ttl`` from now, later than any announcement made before.
+    """
+    expiration = transport.now() + ttl
+    value = replace(record, state="offline").to_value()
+    stores = [transport.store(block_key(model, i), record.peer, value, expiration) for i in blocks]
+    return all(await asyncio.gather(*stores))
+
+
 async def fetch_servers(transport: Transport, model: str, num_blocks: int) -> dict[str, ServerRecord]:
-    """Online servers of ``model`` by peer id (a record counts if at least one of its block keys has it)."""
+    """Online servers of ``model`` by peer id. A record counts if one of its block keys has it; where a
+    peer has several (it moved, and a key of its old span still holds the old record), the one announced
+    last wins."""
     found = await transport.get_many([block_key(model, i) for i in range(num_blocks)])
     servers: dict[str, ServerRecord] = {}
+    announced: dict[str, float] = {}
     for index, entries in enumerate(found.values()):
         for peer, item in entries.items():
             record = ServerRecord.from_value(peer, item.value)
@@ -146,7 +165,8 @@ async def fetch_servers(transport: Transport, model: str, num_blocks: int) -> di
                 continue
             if record.end > num_blocks:
                 continue
-            servers.setdefault(peer, record)
+            if item.expiration > announced.get(peer, float("-inf")):
+                servers[peer], announced[peer] = record, item.expiration
     return servers
 
 
@@ -171,27 +191,3 @@ def coverage(servers: Sequence[ServerRecord], num_blocks: int) -> list[int]:
         for index in range(max(record.start, 0), min(record.end, num_blocks)):
             counts[index] += 1
     return counts
-
-
-def least_served_span(counts: Sequence[int], length: int, cuts: Sequence[int]) -> tuple[int, int]:
-    """The span of ``length`` blocks whose least-served block is served least (ties: fewest servers in
-    total, then the first). Spans start and end only at allowed ``cuts``; where no span of exactly
-    ``length`` blocks fits them, the longest shorter one is taken (or, failing that, the shortest longer)."""
-    num_blocks = len(counts)
-    length = min(length, num_blocks)
-    points = sorted({c for c in cuts if 0 <= c <= num_blocks})
-    spans = [(a, b) for i, a in enumerate(points) for b in points[i + 1 :]]
-    if not spans:
-        raise ValueError(f"no span of blocks starts and ends at allowed cuts {list(cuts)}")
-    shorter = [n for n in {b - a for a, b in spans} if n <= length]
-    size = max(shorter) if shorter else min(b - a for a, b in spans)
-    best: tuple[tuple[int, int, int], tuple[int, int]] | None = None
-    for start, end in spans:
-        if end - start != size:
-            continue
-        window = counts[start:end]
-        score = (max(window), sum(window), start)
-        if best is None or score < best[0]:
-            best = (score, (start, end))
-    assert best is not None
-    return best[1]
