@@ -16,8 +16,12 @@ client's latency <= 1.5x that of a client alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -102,7 +106,94 @@ def one_round(models: list, vocab: int, tokens: int) -> tuple[float, list[float]
     return time.perf_counter() - begin, latencies
 
 
-def run(model_key: str, client_counts: list[int], tokens: int, threads: int) -> list[dict[str, Any]]:
+class _Workers:
+    """Client processes (``--processes``): each loads its own model and generates when told, as users on
+    other machines would; nothing they do shares this process's interpreter lock."""
+
+    def __init__(self, path: Path, peers: list[str], count: int, vocab: int, threads: int) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.concurrent",
+                    "--worker",
+                    str(path),
+                    str(vocab),
+                    str(i),
+                    str(threads),
+                ]
+                + peers,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+            for i in range(count)
+        ]
+        for proc in self.procs:
+            self._expect(proc, "ready")
+
+    @staticmethod
+    def _expect(proc: subprocess.Popen, word: str) -> str:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith(word):
+            raise RuntimeError(
+                f"client process {proc.pid} said {line!r}, expected {word!r} (exit {proc.poll()})"
+            )
+        return line[len(word) :].strip()
+
+    def round(self, n: int, tokens: int) -> tuple[float, list[float]]:
+        """The first ``n`` clients generate ``tokens`` tokens at once; (wall seconds, s per new token each)."""
+        begin = time.perf_counter()
+        for proc in self.procs[:n]:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{tokens}\n")
+            proc.stdin.flush()
+        latencies = [float(self._expect(proc, "done")) / tokens for proc in self.procs[:n]]
+        return time.perf_counter() - begin, latencies
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def worker(argv: list[str]) -> int:
+    """One client process: ``PATH VOCAB SEED THREADS PEER...``; on each stdin line N, generates N tokens
+    and prints ``done SECONDS``; leaves when stdin closes."""
+    from bloombee_core.client import AutoDistributedModelForCausalLM
+
+    path, vocab, seed, threads, peers = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4:]
+    torch.set_num_threads(threads)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, peers)
+    ids = random_prompt(vocab, 1, 8 + seed, seed=seed + 1)
+    try:
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: routes, connections
+            print("ready", flush=True)
+            for line in sys.stdin:
+                begin = time.perf_counter()
+                model.generate(ids, max_new_tokens=int(line), min_new_tokens=int(line), do_sample=False)
+                print(f"done {time.perf_counter() - begin}", flush=True)
+    finally:
+        model.close()
+    return 0
+
+
+def run(
+    model_key: str, client_counts: list[int], tokens: int, threads: int, processes: bool = False
+) -> list[dict[str, Any]]:
     from bloombee_core.client import AutoDistributedModelForCausalLM
 
     bench_model = load_bench_model(model_key)
@@ -112,45 +203,70 @@ def run(model_key: str, client_counts: list[int], tokens: int, threads: int) -> 
         flags = [] if batching else ["--max-batch-tokens", "0"]
         cuts = [0, bench_model.num_blocks]
         with _OneServer(bench_model.path, cuts, LINKS["direct"], threads=threads, server_args=flags) as swarm:
+            count = 1 if processes else max(client_counts)  # in-process clients, or one to ask the server
             models = [
                 AutoDistributedModelForCausalLM.from_pretrained(bench_model.path, swarm.initial_peers)
-                for _ in range(max(client_counts))
+                for _ in range(count)
             ]
+            workers = None
             try:
                 one_round(models[:1], bench_model.vocab_size, 4)  # warm-up
                 server = next(c for c in swarm.children if c.name.startswith("server"))
                 peer = parse_ready(server.wait_for(READY, 5).strip())[1]["peer"]
+                if processes:
+                    workers = _Workers(
+                        bench_model.path,
+                        swarm.initial_peers,
+                        max(client_counts),
+                        bench_model.vocab_size,
+                        threads,
+                    )
                 for n in client_counts:
-                    before = _batched_steps(models[0], peer)
-                    wall, latencies = one_round(models[:n], bench_model.vocab_size, tokens)
+                    before = _batching(models[0], peer)
+                    if workers is not None:
+                        wall, latencies = workers.round(n, tokens)
+                    else:
+                        wall, latencies = one_round(models[:n], bench_model.vocab_size, tokens)
                     row = {
                         "model": model_key,
+                        "clients_in": "processes" if processes else "threads",
                         "batching": batching,
                         "clients": n,
                         "aggregate_tokens_per_s": n * tokens / wall,
                         "latency_ms_median": 1000 * statistics.median(latencies),
                         "latency_ms_worst": 1000 * max(latencies),
-                        "batched_steps": _batched_steps(models[0], peer) - before,
+                        **_batched(before, _batching(models[0], peer)),
                         "floor_tokens_per_s": floors[n],
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             finally:
+                if workers is not None:
+                    workers.close()
                 for model in models:
                     model.close()
     return rows
 
 
-def _batched_steps(model: Any, peer: str) -> int:
-    return model.loop.run(model.swarm.info(peer))["batching"]["batched_steps"]
+def _batched(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """Steps computed in shared forwards during a round, and how many shared each forward on average."""
+    steps = after["batched_steps"] - before["batched_steps"]
+    forwards = after["batched_forwards"] - before["batched_forwards"]
+    return {"batched_steps": steps, "mean_batch": steps / forwards if forwards else 1.0}
+
+
+def _batching(model: Any, peer: str) -> dict[str, int]:
+    return model.loop.run(model.swarm.info(peer))["batching"]
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
-    lines = ["model    batching clients  agg tok/s  lat ms (med/worst)  batched steps  floor tok/s"]
+    lines = [
+        "model    batching clients  agg tok/s  lat ms (med/worst)  batched steps (mean batch)  floor tok/s"
+    ]
     for r in rows:
         lines.append(
             f"{r['model']:8} {'on' if r['batching'] else 'off':8} {r['clients']:7} {r['aggregate_tokens_per_s']:10.1f}"
-            f"  {r['latency_ms_median']:8.1f}/{r['latency_ms_worst']:<8.1f}  {r['batched_steps']:13}"
+            f"  {r['latency_ms_median']:8.1f}/{r['latency_ms_worst']:<8.1f}  {r['batched_steps']:13} ({r.get('mean_batch', 1.0):4.1f})      "
             f"  {r['floor_tokens_per_s']:11.1f}"
         )
     return "\n".join(lines)
@@ -161,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", choices=MODEL_KEYS, help="repeatable; default: both")
     p.add_argument("--clients", action="append", type=int, help="repeatable; default: 1, 4, 8, 16")
     p.add_argument("--tokens", type=int, default=16, help="new tokens per client")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the server and this process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server and each client")
+    p.add_argument(
+        "--processes", action="store_true", help="each client in a process of its own (default: threads here)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for key in args.model or list(MODEL_KEYS):
-        rows += run(key, sorted(args.clients or [1, 4, 8, 16]), args.tokens, args.threads)
+        rows += run(key, sorted(args.clients or [1, 4, 8, 16]), args.tokens, args.threads, args.processes)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     print(summary(rows))
@@ -174,4 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker(sys.argv[2:]) if sys.argv[1:2] == ["--worker"] else main())

@@ -131,21 +131,13 @@ def test_a_bad_step_is_refused_before_it_joins(spans):
         )
 
 
-def test_the_batcher_shares_a_forward_and_refuses_a_bad_step_alone(spans):
-    """Three sessions' steps due at once: two share one forward, the malformed one fails on its own."""
-    import asyncio
-
-    from bloombee_core.server.batching import StepBatcher
-    from bloombee_core.server.checks import RequestError
+def server_parts(spans):
+    """(client, span, compute, compute thread, step(ids, mask columns) -> a step's tensors)."""
     from bloombee_core.server.compute import ComputeThread, SpanCompute
-    from bloombee_core.server.sessions import Session
 
     client, parts = spans
     span = parts[0]
-    compute, thread = (
-        SpanCompute(torch.device("cpu"), torch.float32, span.family.per_layer_input_sizes(span.config)),
-        ComputeThread(),
-    )
+    compute = SpanCompute(torch.device("cpu"), torch.float32, span.family.per_layer_input_sizes(span.config))
 
     def step(ids: list[int], mask_columns: int) -> dict[str, torch.Tensor]:
         tokens = torch.tensor([ids])
@@ -157,6 +149,19 @@ def test_the_batcher_shares_a_forward_and_refuses_a_bad_step_alone(spans):
         }
         t.update(client.per_layer_inputs(tokens, hidden))
         return t
+
+    return client, span, compute, ComputeThread(), step
+
+
+def test_the_batcher_shares_a_forward_and_refuses_a_bad_step_alone(spans):
+    """Three sessions' steps due at once: two share one forward, the malformed one fails on its own."""
+    import asyncio
+
+    from bloombee_core.server.batching import StepBatcher
+    from bloombee_core.server.checks import RequestError
+    from bloombee_core.server.sessions import Session
+
+    client, span, compute, thread, step = server_parts(spans)
 
     async def main():
         sessions = {str(i): Session(str(i), span, span.new_cache(1, 16), 1, 16, 0) for i in range(3)}
@@ -177,3 +182,34 @@ def test_the_batcher_shares_a_forward_and_refuses_a_bad_step_alone(spans):
             want = compute.step(span, span.new_cache(1, 16), t)
             torch.testing.assert_close(result, want, atol=ATOL, rtol=0)
         assert [s.cache.length for s in sessions.values()] == [2, 2, 0]
+
+
+def test_micro_batches_of_one_pipeline_are_not_batched_together(spans):
+    """Two sessions of one client's micro-batch pipeline (one group) and one of another client, all due
+    at once: the other client's step shares a forward with one of them, never the two siblings."""
+    import asyncio
+
+    from bloombee_core.server.batching import StepBatcher
+    from bloombee_core.server.sessions import Session
+
+    client, span, compute, thread, step = server_parts(spans)
+
+    async def main():
+        groups = ["pipe", "pipe", None]
+        sessions = {
+            str(i): Session(str(i), span, span.new_cache(1, 16), 1, 16, 0, group=g)
+            for i, g in enumerate(groups)
+        }
+        batcher = StepBatcher(compute, thread, sessions, wait_ms=50)
+        steps = [step([5, 7], 2), step([9, 4], 2), step([3, 1], 2)]
+        results = await asyncio.gather(
+            *(batcher.step(s, t) for s, t in zip(sessions.values(), steps, strict=True))
+        )
+        return batcher, steps, results
+
+    with torch.no_grad():
+        batcher, steps, results = asyncio.run(main())
+        thread.shutdown()
+    assert batcher.stats() == {"batched_steps": 2, "batched_forwards": 1, "largest_batch": 2}
+    for result, t in zip(results, steps, strict=True):
+        torch.testing.assert_close(result, compute.step(span, span.new_cache(1, 16), t), atol=ATOL, rtol=0)

@@ -41,6 +41,15 @@ def test_a_chain_whose_stages_all_have_real_work_is_pipelined():
     assert predicted_rate(costs, 16, size) >= 1.5 * predicted_rate(costs, 16, 16)
 
 
+def test_a_compute_bound_smollm2_chain_is_split_into_a_few_groups():
+    # SmolLM2 over two CPU servers at 20 ms: 48 ms per 1-row step each, and the row cost such a server
+    # measures (0.15): a few groups of 6-8 rows keep both servers busy
+    measured = ChainCosts(latency_s=0.06, server_step_s=(0.048, 0.048), client_row_s=0.0005, row_cost=0.15)
+    size = choose_micro_batch(measured, 16)
+    assert size in (6, 8)
+    assert predicted_rate(measured, 16, size) > 1.4 * predicted_rate(measured, 16, 16)
+
+
 def test_a_latency_bound_chain_gains_nothing_from_splitting():
     # 60 ms of travel per step against microseconds of compute: every group waits for the same latency
     costs = ChainCosts(latency_s=0.06, server_step_s=(0.0001, 0.0001), row_cost=0.0)

@@ -169,6 +169,10 @@ def test_records_from_the_dht_are_validated():
     assert ServerRecord.from_value("p", {**good, "start": "x"}) is None
     assert ServerRecord.from_value("p", {**good, "start": 5, "end": 2}) is None
     assert ServerRecord.from_value("p", [1, 2]) is None
+    # a row cost is advisory: a bad one is dropped, the record kept
+    assert ServerRecord.from_value("p", {**good, "row_cost": 0.25}).row_cost == 0.25
+    for bad in (float("nan"), -1, 11, "0.2", True, None):
+        assert ServerRecord.from_value("p", {**good, "row_cost": bad}).row_cost is None
 
 
 def test_hidden_states_can_travel_compressed_and_the_header_names_the_compressor():

@@ -79,9 +79,15 @@ class RemoteCache(Cache):
 class InferenceSessionHandle:
     """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int, trees: bool = False) -> None:
+    def __init__(
+        self,
+        model: DistributedModelForCausalLM,
+        max_length: int,
+        trees: bool = False,
+        group: str | None = None,
+    ) -> None:
         self.model = model
-        self.inner = InferenceSession(model.swarm, max_length, trees, model.prefill_chunk)
+        self.inner = InferenceSession(model.swarm, max_length, trees, model.prefill_chunk, group)
         self.inner.on_chunks = model.pipeline_stats.chunks
         self.speculation: dict[str, Any] = {}  # what speculative decoding achieved in this session
 

@@ -21,6 +21,7 @@ is only read by :func:`chain_costs` and the generate wrapper.
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 Size = int | Literal["auto"]
 MAX_MICRO_BATCHES = 8  # sessions one generate opens at most (each holds a KV cache on every server)
 MIN_GAIN = 1.15  # the pipeline must be predicted this much faster than one micro-batch, or it stays off
-ROW_COST = 0.05  # extra cost of one more row in a server's decode step, as a fraction of a 1-row step
+ROW_COST = 0.05  # extra cost of one more row in a server's decode step, as a fraction of a 1-row step,
+# for servers that announce none (each server measures its own at start: ServerRecord.row_cost)
 STEP_OVERHEAD_S = 0.001  # the client's per-step bookkeeping in transformers' generate loop
 MIN_PREFILL_CHUNK = 256  # tokens: below this a chunk's fixed per-step cost is no longer negligible
 
@@ -156,14 +158,18 @@ def chain_costs(model: DistributedModelForCausalLM, batch: int) -> ChainCosts:
     hops = model.loop.run(swarm.route(0, swarm.num_blocks))
     one_way = [swarm.rtt.get(h.peer, 0.0) / 2 for h in hops]
     latency = sum(one_way) + (one_way[-1] if one_way else 0.0)  # back from the last server
-    steps = []
+    steps, row_costs = [], []
     for hop in hops:
         record = swarm.servers.get(hop.peer)
         share = (hop.end - hop.start) / max(record.end - record.start, 1) if record else 1.0
         steps.append(share / record.throughput if record and record.throughput > 0 else 0.0)
+        if record is not None and record.row_cost is not None:
+            row_costs.append(record.row_cost)
     one, many = _client_step_s(model, 1), _client_step_s(model, batch)
     per_row = max(many - one, 0.0) / max(batch - 1, 1)
-    return ChainCosts(latency, tuple(steps), STEP_OVERHEAD_S + max(one - per_row, 0.0), per_row)
+    client_step = STEP_OVERHEAD_S + max(one - per_row, 0.0)
+    row_cost = max(row_costs) if row_costs else ROW_COST  # the servers' own measurement where announced
+    return ChainCosts(latency, tuple(steps), client_step, per_row, row_cost)
 
 
 def _client_step_s(model: DistributedModelForCausalLM, rows: int) -> float:
@@ -223,15 +229,18 @@ def generate_micro_batches(
     length = model._max_length(ids.shape[1], kwargs)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
     bounds = [(a, min(a + size, ids.shape[0])) for a in range(0, ids.shape[0], size)]
+    # one group for all micro-batches: a server that batched them together would run them in lockstep
+    # again (each stage waiting for the whole batch), which is what the pipeline is there to avoid
+    pipeline = secrets.token_hex(8)
 
     def one(a: int, b: int) -> torch.Tensor:
-        handle = InferenceSessionHandle(model, length)
+        handle = InferenceSessionHandle(model, length, group=pipeline)
         model.pipeline_stats.enter("sessions")
         try:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                group = {"attention_mask": mask[a:b]} if mask is not None else {}
+                rows = {"attention_mask": mask[a:b]} if mask is not None else {}
                 return GenerationMixin.generate(
-                    model, ids[a:b], *args, cache=RemoteCache(handle), **group, **kwargs
+                    model, ids[a:b], *args, cache=RemoteCache(handle), **rows, **kwargs
                 )
         finally:
             model.pipeline_stats.leave("sessions")

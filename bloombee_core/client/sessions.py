@@ -52,7 +52,13 @@ class HopSession:
         return {"peer": self.hop.peer, "session_id": self.id}
 
     async def open(
-        self, client: SwarmClient, batch: int, max_length: int, push: PushRef | None, trees: bool = False
+        self,
+        client: SwarmClient,
+        batch: int,
+        max_length: int,
+        push: PushRef | None,
+        trees: bool = False,
+        group: str | None = None,
     ) -> None:
         self.stream = await client.transport.connect(self.hop.peer, wire.PROTOCOL)
         header = {
@@ -66,6 +72,8 @@ class HopSession:
         }
         if trees:
             header["trees"] = True
+        if group is not None:
+            header["group"] = group  # micro-batches of one generate: servers do not batch them together
         # No round trip of its own: the first step follows at once, and the open's reply (an error if
         # the server refuses, e.g. busy) is read just before that step's reply.
         await wire.send(self.stream, header)
@@ -94,18 +102,21 @@ class HopSession:
         which the server ignores if the push did arrive."""
         assert self.stream is not None
         begin = time.perf_counter()
-        reply = asyncio.ensure_future(self._next_reply(client))
-        try:
-            if pushed:
+        if pushed:
+            reply = asyncio.ensure_future(self._next_reply(client))
+            try:
                 grace = max(client.push_grace, 4 * self.wait)
                 done, _ = await asyncio.wait({reply}, timeout=grace)
                 if not done:
                     logger.info("step %d of %s is late; sending it without the push", self.steps, self.hop)
                     await self.send(client, tensors)
-            head, out = await asyncio.wait_for(reply, client.timeout)
-        except BaseException:
-            reply.cancel()
-            raise
+                head, out = await asyncio.wait_for(reply, client.timeout)
+            except BaseException:
+                reply.cancel()
+                raise
+        else:  # the common case: read the reply in this task (no task per step)
+            async with asyncio.timeout(client.timeout):
+                head, out = await self._next_reply(client)
         if head.get("step") != self.steps or "hidden" not in out:
             raise ProtocolError(
                 f"server {self.hop.peer} answered step {head.get('step')!r}, expected {self.steps}"
@@ -147,9 +158,15 @@ class InferenceSession:
     """A chain of server sessions that keep KV caches across steps (see the module docstring)."""
 
     def __init__(
-        self, client: SwarmClient, max_length: int, trees: bool = False, prefill_chunk: Size = 0
+        self,
+        client: SwarmClient,
+        max_length: int,
+        trees: bool = False,
+        prefill_chunk: Size = 0,
+        group: str | None = None,
     ) -> None:
         self.client = client
+        self.group = group  # the micro-batch pipeline this session is one stage-sharing part of
         self.prefill_chunk = prefill_chunk  # tokens per chunk of a long step ("auto", 0: never cut)
         self.on_chunks: Callable[[int], None] | None = None  # told how many chunks each cut step had
         self.max_length = max_length
@@ -169,7 +186,7 @@ class InferenceSession:
         pushes = [h.push_ref() for h in hops[1:]] + [after.push_ref() if after else None]
         opened = await asyncio.gather(
             *(
-                h.open(self.client, self.batch, self.max_length, p, self.trees)
+                h.open(self.client, self.batch, self.max_length, p, self.trees, self.group)
                 for h, p in zip(hops, pushes, strict=True)
             ),
             return_exceptions=True,

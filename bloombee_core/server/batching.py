@@ -113,10 +113,10 @@ class StepBatcher:
                 return
 
     def _missing(self) -> bool:
-        head = self._queue[0]
+        head = self._queue[0].session
         queued = {id(due.session) for due in self._queue}
         return any(
-            s.span is head.session.span and not s.trees and id(s) not in queued
+            s.span is head.span and not s.trees and id(s) not in queued and not _siblings(s, head)
             for s in self.sessions.values()
         )
 
@@ -132,6 +132,8 @@ class StepBatcher:
         for due in self._queue:
             rows, n = due.shape
             if due.session.span is not view or n != tokens or used + rows * n > self.max_batch_tokens:
+                continue
+            if any(_siblings(due.session, other.session) for other in group):
                 continue
             cache = due.session.cache
             new_longest = max(longest, cache.length)
@@ -177,6 +179,11 @@ class StepBatcher:
         else:
             if not due.future.done():
                 due.future.set_result(out)
+
+
+def _siblings(a: Session, b: Session) -> bool:
+    """Micro-batches of one client's pipeline: batching them would undo the pipeline's overlap."""
+    return a.group is not None and a.group == b.group
 
 
 def _check(session: Session, tensors: Tensors, per_layer_sizes: Mapping[str, int]) -> None:

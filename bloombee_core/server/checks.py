@@ -56,6 +56,7 @@ class OpenRequest:
     batch: int
     max_length: int
     trees: bool = False  # token trees will be verified in this session (speculative decoding)
+    group: str | None = None  # micro-batches of one client's pipeline: never batched with each other
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,10 @@ def open_request(header: Mapping[str, Any], limits: Limits, open_ids: Container[
     trees = header.get("trees", False)
     if not isinstance(trees, bool):
         raise RequestError(f"'trees' must be true or false, got {trees!r:.40}")
-    return OpenRequest(sid, batch, max_length, trees)
+    group = header.get("group")
+    if group is not None and (not isinstance(group, str) or not 1 <= len(group) <= 64):
+        raise RequestError(f"'group' must be a string of 1..64 characters, got {group!r:.80}")
+    return OpenRequest(sid, batch, max_length, trees, group)
 
 
 def check_session_count(open_sessions: int, limits: Limits) -> None:

@@ -23,7 +23,7 @@ from bloombee_core.server.batching import StepBatcher
 from bloombee_core.server.checks import Limits, SpanChecks, check_values
 from bloombee_core.server.compute import ComputeThread, SpanCompute
 from bloombee_core.server.sessions import Session
-from bloombee_core.server.throughput import measure_throughput
+from bloombee_core.server.throughput import measure_row_cost, measure_throughput
 from bloombee_core.swarm import wire
 from bloombee_core.swarm.records import ServerRecord, announce, withdraw
 from bloombee_core.swarm.wire import TensorMeta
@@ -91,6 +91,7 @@ class Server:
         self.movable = movable  # chose its blocks itself: it may move (never with explicit --blocks)
         self.fixed_throughput = throughput  # announced as given instead of measured
         self.throughput = throughput or 0.0
+        self.row_cost: float | None = None  # measured at start unless the throughput is given
         self._views: dict[tuple[int, int], BlockSpan] = {}
         self.draining: list[Draining] = []  # old spans kept for the sessions opened on them
         self._tasks: list[asyncio.Task] = []
@@ -98,6 +99,9 @@ class Server:
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.throughput = await self.measure(self.span)
+        if self.fixed_throughput is None:
+            probe = functools.partial(measure_row_cost, self.span, self.dtype, self.device)
+            self.row_cost = await self.compute_thread.run(probe)
         await self.transport.serve(wire.PROTOCOL, functools.partial(dispatch.handle, self))
         await self._announce()
         self.run_in_background(self._announce_forever())
@@ -128,6 +132,7 @@ class Server:
             start=self.span.start,
             end=self.span.end,
             throughput=self.throughput,
+            row_cost=self.row_cost,
             cache_left=self.cache_budget - self.cache_used,
             dtype=str(self.dtype).removeprefix("torch."),
             family=self.family_name,
@@ -148,6 +153,7 @@ class Server:
             "dtype": str(self.dtype).removeprefix("torch."),
             "cache_left": self.cache_budget - self.cache_used,
             "throughput": self.throughput,
+            "row_cost": self.row_cost,
             "version": self.version,
             "sessions": len(self.sessions),
             "resident_fraction": self._resident_fraction(),

@@ -74,6 +74,7 @@ class Session:
     max_length: int
     reserved: int  # bytes of the server's cache budget
     trees: bool = False  # opened for token trees: steps may carry a tree and rows to keep
+    group: str | None = None  # the client's micro-batch pipeline: its sessions are not batched together
     last_tokens: int = 0  # tokens of the last step computed (what a "keep" picks from)
     inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     next_step: int = 0
@@ -110,7 +111,7 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     server.cache_used += need
     sid = request.session_id
     cache = view.new_cache(request.batch, request.max_length, request.trees)
-    session = Session(sid, view, cache, request.batch, request.max_length, need, request.trees)
+    session = Session(sid, view, cache, request.batch, request.max_length, need, request.trees, request.group)
     server.sessions[sid] = session
     reader: asyncio.Task | None = None
     try:

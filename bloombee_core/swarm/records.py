@@ -90,6 +90,7 @@ class ServerRecord:
     state: str = "online"  # "online" | "offline" (announced on a clean shutdown)
     addrs: list[str] = field(default_factory=list)
     movable: bool = False  # chose its blocks itself and may move (see bloombee_core.swarm.placement)
+    row_cost: float | None = None  # a decode step's extra cost per extra row, as a fraction of 1 row
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -115,10 +116,18 @@ class ServerRecord:
                 state=str(value.get("state", "online")),
                 addrs=[str(a) for a in value.get("addrs", [])][:8],
                 movable=value.get("movable") is True,
+                row_cost=_row_cost(value.get("row_cost")),
             )
         except (KeyError, TypeError, ValueError):
             return None
         return record if 0 <= record.start < record.end else None
+
+
+def _row_cost(value: Any) -> float | None:
+    """An announced row cost, or None where it is missing or not a finite number in [0, 10]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value <= 10 else None  # NaN fails both comparisons
 
 
 async def announce(
