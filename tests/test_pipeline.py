@@ -50,6 +50,25 @@ def test_a_compute_bound_smollm2_chain_is_split_into_a_few_groups():
     assert predicted_rate(measured, 16, size) > 1.4 * predicted_rate(measured, 16, 16)
 
 
+def test_stages_sharing_one_hosts_cores_are_bound_by_them():
+    # two servers and the client on one 2-core host: the split's total work (every group's step on
+    # every stage, and the hops' transfers) must fit the cores, so small groups stop paying
+    apart = ChainCosts(latency_s=0.06, server_step_s=(0.022, 0.022), client_row_s=0.0008, row_cost=0.15)
+    shared = ChainCosts(**{**apart.__dict__, "shared_cores": 2})
+    assert predicted_rate(shared, 16, 4) < predicted_rate(apart, 16, 4)
+    assert predicted_rate(shared, 16, 16) == predicted_rate(apart, 16, 16)  # one group: nothing overlaps
+    assert choose_micro_batch(shared, 16) > choose_micro_batch(apart, 16)
+    tiny = ChainCosts(latency_s=0.0015, server_step_s=(0.003, 0.003), client_row_s=0.0001, shared_cores=2)
+    assert choose_micro_batch(tiny, 16) == 16  # fast steps on a shared host: never split
+
+
+def test_loopback_addresses_mean_this_host():
+    from bloombee_core.client.pipeline import _loopback
+
+    assert _loopback("/ip4/127.0.0.1/tcp/4001/p2p/Qm") and _loopback("/ip6/::1/tcp/1")
+    assert not _loopback("/ip4/10.0.0.5/tcp/4001") and not _loopback("/dns4/localhost.example/tcp/1")
+
+
 def test_a_latency_bound_chain_gains_nothing_from_splitting():
     # 60 ms of travel per step against microseconds of compute: every group waits for the same latency
     costs = ChainCosts(latency_s=0.06, server_step_s=(0.0001, 0.0001), row_cost=0.0)
@@ -58,7 +77,9 @@ def test_a_latency_bound_chain_gains_nothing_from_splitting():
 
 def test_a_saturated_stage_bounds_the_rate():
     # one server is the bottleneck; the round of all groups cannot beat its total work
-    costs = ChainCosts(latency_s=0.0, server_step_s=(0.001, 0.05), client_step_s=0.0, row_cost=1.0)
+    costs = ChainCosts(
+        latency_s=0.0, server_step_s=(0.001, 0.05), client_step_s=0.0, row_cost=1.0, hop_overhead_s=0.0
+    )
     bottleneck = 16 * 0.05  # its work for all rows, whatever the split
     assert predicted_rate(costs, 16, 4) == pytest.approx(16 / bottleneck)
 

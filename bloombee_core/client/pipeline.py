@@ -21,6 +21,7 @@ is only read by :func:`chain_costs` and the generate wrapper.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import threading
 import time
@@ -35,10 +36,15 @@ if TYPE_CHECKING:
 
 Size = int | Literal["auto"]
 MAX_MICRO_BATCHES = 8  # sessions one generate opens at most (each holds a KV cache on every server)
-MIN_GAIN = 1.15  # the pipeline must be predicted this much faster than one micro-batch, or it stays off
+MIN_GAIN = 1.25  # the pipeline must be predicted this much faster than one micro-batch, or it stays off
 ROW_COST = 0.05  # extra cost of one more row in a server's decode step, as a fraction of a 1-row step,
 # for servers that announce none (each server measures its own at start: ServerRecord.row_cost)
-STEP_OVERHEAD_S = 0.001  # the client's per-step bookkeeping in transformers' generate loop
+# Fixed costs of one more step, whatever its rows: the client's bookkeeping in transformers' generate loop
+# (cProfile of a 64-token generate: about 3 ms a token), and each server's framework cost of a step
+# (`python -m bench defaults`: 3.0 ms per hop over the floor, default and tuned setups alike). Every
+# extra micro-batch pays both again on every step, which is why small splits lose on fast steps.
+STEP_OVERHEAD_S = 0.003
+HOP_OVERHEAD_S = 0.003
 MIN_PREFILL_CHUNK = 256  # tokens: below this a chunk's fixed per-step cost is no longer negligible
 
 
@@ -56,9 +62,11 @@ class ChainCosts:
     client_step_s: float = STEP_OVERHEAD_S
     client_row_s: float = 0.0
     row_cost: float = ROW_COST
+    hop_overhead_s: float = HOP_OVERHEAD_S
+    shared_cores: int | None = None  # every stage runs on this many cores of one host (all on loopback)
 
     def server_s(self, rows: int) -> list[float]:
-        return [t * (1 + self.row_cost * (rows - 1)) for t in self.server_step_s]
+        return [self.hop_overhead_s + t * (1 + self.row_cost * (rows - 1)) for t in self.server_step_s]
 
     def client_s(self, rows: int) -> float:
         return self.client_step_s + self.client_row_s * rows
@@ -79,6 +87,9 @@ def predicted_rate(costs: ChainCosts, batch: int, size: int) -> float:
     cycle = max(costs.latency_s + costs.client_s(g) + sum(costs.server_s(g)) for g in groups)
     stages = [sum(costs.client_s(g) for g in groups)]
     stages += [sum(costs.server_s(g)[i] for g in groups) for i in range(len(costs.server_step_s))]
+    if costs.shared_cores:  # one host's cores do every stage's work, and each hop's transfer too
+        hops = len(costs.server_step_s) + 1
+        stages.append((sum(stages) + len(groups) * hops * costs.hop_overhead_s) / costs.shared_cores)
     return batch / max(cycle, *stages)
 
 
@@ -169,7 +180,15 @@ def chain_costs(model: DistributedModelForCausalLM, batch: int) -> ChainCosts:
     per_row = max(many - one, 0.0) / max(batch - 1, 1)
     client_step = STEP_OVERHEAD_S + max(one - per_row, 0.0)
     row_cost = max(row_costs) if row_costs else ROW_COST  # the servers' own measurement where announced
-    return ChainCosts(latency, tuple(steps), client_step, per_row, row_cost)
+    records = [swarm.servers.get(hop.peer) for hop in hops]
+    local = bool(records) and all(r is not None and r.addrs and all(map(_loopback, r.addrs)) for r in records)
+    cores = len(os.sched_getaffinity(0)) if local else None
+    return ChainCosts(latency, tuple(steps), client_step, per_row, row_cost, shared_cores=cores)
+
+
+def _loopback(multiaddr: str) -> bool:
+    """A multiaddr on this host's loopback interface (``/ip4/127.x.x.x/...``, ``/ip6/::1/...``)."""
+    return multiaddr.startswith("/ip4/127.") or multiaddr.startswith("/ip6/::1/")
 
 
 def _client_step_s(model: DistributedModelForCausalLM, rows: int) -> float:

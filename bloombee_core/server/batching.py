@@ -85,7 +85,12 @@ class StepBatcher:
         rows, tokens = tensors["hidden"].shape[:2]
         if session.trees or not 0 < rows * tokens <= self.max_batch_tokens:
             return await self.thread.run_step(
-                rows * tokens, self.compute.step, session.span, session.cache, tensors
+                rows * tokens,
+                self.compute.step,
+                session.span,
+                session.cache,
+                tensors,
+                alone=self._alone_open(),
             )
         _check(session, tensors, self.compute.per_layer_sizes)
         future = asyncio.get_running_loop().create_future()
@@ -111,6 +116,9 @@ class StepBatcher:
                 await asyncio.wait_for(self._arrived.wait(), left)
             except TimeoutError:
                 return
+
+    def _alone_open(self) -> bool:
+        return len(self.sessions) <= 1
 
     def _missing(self) -> bool:
         head = self._queue[0].session
@@ -171,7 +179,12 @@ class StepBatcher:
         rows, tokens = due.shape
         try:
             out = await self.thread.run_step(
-                rows * tokens, self.compute.step, view, due.session.cache, due.tensors
+                rows * tokens,
+                self.compute.step,
+                view,
+                due.session.cache,
+                due.tensors,
+                alone=self._alone_open(),
             )
         except Exception as exc:  # noqa: BLE001 - handed to the step's own session
             if not due.future.done():

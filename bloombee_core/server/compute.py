@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,6 +21,10 @@ T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]
 
 INLINE_TOKENS = 16  # batch * tokens of a step small enough to compute on the event loop
+# ... and short enough: while a step computes there, the loop cannot take in, push or answer other
+# sessions' steps (a micro-batch pipeline's siblings), so a longer step goes to the thread unless its
+# session is the only one open
+INLINE_MAX_S = 0.002
 
 
 class SpanCompute:
@@ -98,6 +103,7 @@ class ComputeThread:
         self._ready = threading.Condition()
         self._stopped = False
         self._busy = 0  # jobs handed to the thread and not finished
+        self.step_s = 0.0  # how long the last inference step took (on the loop or the thread)
         self._thread = threading.Thread(target=self._work, name="bloombee-compute", daemon=True)
         self._thread.start()
 
@@ -125,13 +131,19 @@ class ComputeThread:
         self._busy += 1  # until the job has finished, even if its caller stops waiting
         return await future
 
-    async def run_step(self, tokens: int, fn: Callable[..., T], *args: object) -> T:
+    async def run_step(self, tokens: int, fn: Callable[..., T], *args: object, alone: bool = True) -> T:
         """An inference step of ``tokens`` (batch * tokens). Small ones (decoding) run right here on the
         event loop when the thread is idle: handing them to the thread and back costs two cross-thread
-        wake-ups, a noticeable share of a few-millisecond step; nothing else could run meanwhile anyway."""
-        if tokens <= INLINE_TOKENS and self._busy == 0:
-            return fn(*args)
-        return await self.run(fn, *args, priority=INTERACTIVE)
+        wake-ups, a noticeable share of a few-millisecond step. Only while the step is the server's
+        only session (``alone``) or steps are short (:data:`INLINE_MAX_S`): otherwise the loop must stay
+        free for the other sessions' traffic."""
+        begin = time.perf_counter()
+        if tokens <= INLINE_TOKENS and self._busy == 0 and (alone or self.step_s <= INLINE_MAX_S):
+            out = fn(*args)
+        else:
+            out = await self.run(fn, *args, priority=INTERACTIVE)
+        self.step_s = time.perf_counter() - begin
+        return out
 
     def _work(self) -> None:
         while True:

@@ -92,6 +92,7 @@ class Server:
         self.fixed_throughput = throughput  # announced as given instead of measured
         self.throughput = throughput or 0.0
         self.row_cost: float | None = None  # measured at start unless the throughput is given
+        self.addrs: list[str] = []  # where peers reach it (announced: clients see who shares a host)
         self._views: dict[tuple[int, int], BlockSpan] = {}
         self.draining: list[Draining] = []  # old spans kept for the sessions opened on them
         self._tasks: list[asyncio.Task] = []
@@ -99,6 +100,7 @@ class Server:
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.throughput = await self.measure(self.span)
+        self.addrs = [str(a) for a in await self.transport.addresses()][:8]
         if self.fixed_throughput is None:
             probe = functools.partial(measure_row_cost, self.span, self.dtype, self.device)
             self.row_cost = await self.compute_thread.run(probe)
@@ -140,6 +142,7 @@ class Server:
             public_name=self.public_name,
             state=state,
             movable=self.movable,
+            addrs=self.addrs,
         )
 
     def info(self) -> dict[str, Any]:
