@@ -98,6 +98,10 @@ def choose_micro_batch(costs: ChainCosts, batch: int) -> int:
     unless splitting is predicted at least :data:`MIN_GAIN` times faster."""
     if batch <= 1:
         return max(batch, 1)
+    if costs.shared_cores is not None and costs.shared_cores <= len(costs.server_step_s) + 1:
+        # every stage on one host with no more cores than stages: they cannot overlap, and measured
+        # on 2 cores each split was slower or barely faster (docs/pipeline.md)
+        return batch
     whole = predicted_rate(costs, batch, batch)
     best, best_rate = batch, whole
     for count in range(2, min(batch, MAX_MICRO_BATCHES) + 1):
