@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ACTIVE_S = 0.5  # a session that sent a step this recently may send the next one any moment
+
 
 @dataclass
 class _Due:
@@ -83,6 +85,7 @@ class StepBatcher:
     async def step(self, session: Session, tensors: Tensors) -> torch.Tensor:
         """Compute ``session``'s due step (its cache grows); batched with others' steps where it can be."""
         rows, tokens = tensors["hidden"].shape[:2]
+        session.last_active = time.monotonic()
         if session.trees or not 0 < rows * tokens <= self.max_batch_tokens:
             return await self.thread.run_step(
                 rows * tokens,
@@ -90,7 +93,7 @@ class StepBatcher:
                 session.span,
                 session.cache,
                 tensors,
-                alone=self._alone_open(),
+                alone=self._nobody_else(session),
             )
         _check(session, tensors, self.compute.per_layer_sizes)
         future = asyncio.get_running_loop().create_future()
@@ -117,8 +120,11 @@ class StepBatcher:
             except TimeoutError:
                 return
 
-    def _alone_open(self) -> bool:
-        return len(self.sessions) <= 1
+    def _nobody_else(self, session: Session) -> bool:
+        """No other session stepped lately: computing on the event loop keeps nobody's traffic waiting
+        (sessions left open but idle, e.g. a client's previous generate, do not count)."""
+        now = time.monotonic()
+        return not any(s is not session and now - s.last_active < ACTIVE_S for s in self.sessions.values())
 
     def _missing(self) -> bool:
         head = self._queue[0].session
@@ -184,7 +190,7 @@ class StepBatcher:
                 view,
                 due.session.cache,
                 due.tensors,
-                alone=self._alone_open(),
+                alone=self._nobody_else(due.session),
             )
         except Exception as exc:  # noqa: BLE001 - handed to the step's own session
             if not due.future.done():

@@ -75,6 +75,7 @@ class Session:
     reserved: int  # bytes of the server's cache budget
     trees: bool = False  # opened for token trees: steps may carry a tree and rows to keep
     group: str | None = None  # the client's micro-batch pipeline: its sessions are not batched together
+    last_active: float = 0.0  # time.monotonic() of its last step (the batcher's "anyone else busy?")
     last_tokens: int = 0  # tokens of the last step computed (what a "keep" picks from)
     inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     next_step: int = 0
