@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,15 +22,40 @@ from bench.models import MODEL_KEYS, load_bench_model, random_prompt
 from bloombee_core.compression import Compressor
 from bloombee_core.registry import load_plugins
 
+REPO = Path(__file__).resolve().parent.parent
+# Text the benchmark measures on; bench/compress_tables.py builds the packaged tables from other files.
+EVAL_TEXT = ("README.md", "docs/architecture.md")
+
+
+def text_prompt(model_path: Path, tokens: int, files: tuple[str, ...] = EVAL_TEXT) -> torch.Tensor:
+    """[1, tokens] ids of real text (this repository's docs) from the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    text = "\n\n".join((REPO / name).read_text() for name in files)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"{', '.join(files)} hold only {ids.shape[1]} tokens, {tokens} asked for")
+    return ids
+
 
 @torch.inference_mode()
-def hidden_states(model_key: str, tokens: int) -> torch.Tensor:
-    """[blocks, tokens, hidden] fp32: the output of every decoder block for one random prompt."""
+def hidden_states(
+    model_key: str, tokens: int, prompt: str = "random", files: tuple[str, ...] = EVAL_TEXT
+) -> torch.Tensor:
+    """[blocks, tokens, hidden] fp32: the output of every decoder block for one prompt.
+
+    ``prompt`` is ``"random"`` (random token ids) or ``"text"`` (``files`` tokenized; needs a model with
+    a tokenizer, i.e. smollm2).
+    """
     from transformers import AutoModelForCausalLM
 
     bench_model = load_bench_model(model_key)
     model = AutoModelForCausalLM.from_pretrained(bench_model.path, dtype=torch.float32).eval()
-    prompt = random_prompt(bench_model.vocab_size, 1, tokens)
+    if prompt == "text":
+        prompt = text_prompt(bench_model.path, tokens, files)
+    else:
+        prompt = random_prompt(bench_model.vocab_size, 1, tokens)
     outputs = model(prompt, output_hidden_states=True)
     return torch.cat(outputs.hidden_states[1:], dim=0)  # drop the embeddings: servers send block outputs
 
