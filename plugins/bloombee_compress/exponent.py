@@ -52,6 +52,9 @@ ZSTD_TABLE = 1
 # zstd up to ~16 tokens × 576; zstd is faster from a few thousand symbols on).
 TABLE_MAX_PLANE = 4096
 CRC_SIZE = 4
+# What zstd spends besides the coded symbols on a small exponent plane (frame, block and Huffman table
+# headers): measured 35-45 bytes on 576-byte SmolLM2 planes.
+ZSTD_TABLE_COST = 40
 WINDOW_LOG = 19  # zstd level 1's window; the decoder refuses frames asking for more than 1 MiB
 
 
@@ -198,7 +201,7 @@ class ZstdExponentCompressor(Compressor):
         table_id, body = ZSTD_TABLE, b""
         if top.size <= TABLE_MAX_PLANE:
             table_id, body = _range_code(top, layout)
-        if len(body) <= CRC_SIZE:  # large, or a constant plane (which codes to no words at all)
+        if len(body) <= CRC_SIZE:  # large, a constant plane (no words at all), or no table fits it
             table_id, body = ZSTD_TABLE, _contexts.compressor.compress(top)
         if len(body) >= top.size:  # the exponents did not shrink: send the tensor as it is
             return bytes([RAW_TABLE]) + data.tobytes()
@@ -245,12 +248,20 @@ class ZstdExponentCompressor(Compressor):
 
 
 def _range_code(top: np.ndarray, layout: str) -> tuple[int, bytes]:
-    """(table id, rANS words) for the packaged table of ``layout`` that codes ``top`` shortest."""
+    """(table id, CRC + rANS words) with the packaged table of ``layout`` that codes ``top`` shortest,
+    or ``(ZSTD_TABLE, b"")`` when zstd, with a table of the message's own, is predicted shorter (a
+    message unlike the data the tables were built from, e.g. another model's)."""
     import constriction
 
     layout_models = _layout_models(layout)
     histogram = np.bincount(top, minlength=256).astype(np.float64)
-    best = layout_models.models[int(np.argmin(layout_models.code_lengths @ histogram))]
+    table_bits = layout_models.code_lengths @ histogram
+    row = int(np.argmin(table_bits))
+    seen = histogram[histogram > 0]
+    own_bits = float(-(seen * np.log2(seen / top.size)).sum())  # order-0 entropy: a Huffman coder's floor
+    if table_bits[row] / 8 + CRC_SIZE > own_bits / 8 + ZSTD_TABLE_COST:
+        return ZSTD_TABLE, b""
+    best = layout_models.models[row]
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(top.astype(np.int32), best.categorical)
     crc = zlib.crc32(top).to_bytes(CRC_SIZE, "little")
