@@ -99,7 +99,7 @@ def float_tensors(draw) -> torch.Tensor:
     return from_bits(bits, dtype, shape)
 
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY
