@@ -50,7 +50,7 @@ class CodecProfile:
 
 # Measured with ``python -m bench.compression --model smollm2 --prompt both --tokens 128 512 2048`` on
 # a 2-core host shared with other benchmarks (docs/compression.md, 2026-12-03): the medians ranged
-# bf16 enc 190-570 / dec 490-1280 MB/s, fp16 240-590 / 650-1190, fp32 430-1180 / 520-1340 on prefill
+# bf16 enc 190-570 / dec 490-1280 MB/s, fp16 300-590 / 650-1190, fp32 490-1180 / 620-1340 on prefill
 # messages; a 1-token message costs ~160-180 us to encode and decode (Python and table overhead).
 # Speeds are rounded down and ratios up, so that ``auto`` errs towards sending raw bytes.
 PROFILES: dict[str, CodecProfile] = {
