@@ -73,6 +73,8 @@ def tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
     import torch
 
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:  # an empty tensor may carry a stride of 0, which view() refuses
+        return torch.empty(0, dtype=torch.uint8)
     return flat.view(torch.uint8)
 
 

@@ -157,7 +157,7 @@ def test_hook_registers_every_builtin_through_pluggy() -> None:
     manager.register(bloombee_compress)
     manager.check_pending()
     (classes,) = manager.hook.bloombee_register_compressors()
-    assert {cls.name for cls in classes} == {"none", "lz4", "zstd", "zstd-bytesplit"}
+    assert {cls.name for cls in classes} == {"none", "lz4", "zstd", "zstd-bytesplit", "zstd-exponent", "auto"}
     assert all(issubclass(cls, Compressor) for cls in classes)
 
 

@@ -85,8 +85,18 @@ def zstd_compress(data: memoryview | bytes, level: int) -> bytes:
     return _contexts.compressor(level).compress(data)
 
 
-def zstd_decompress_into(payload: bytes | memoryview, out: memoryview, what: str) -> None:
-    """Decompress one zstd frame into ``out``, which it must fill exactly — no more, no less."""
+def zstd_decompress_into(
+    payload: bytes | memoryview,
+    out: memoryview,
+    what: str,
+    decompressor: zstandard.ZstdDecompressor | None = None,
+    dict_id: int = 0,
+) -> None:
+    """Decompress one zstd frame into ``out``, which it must fill exactly — no more, no less.
+
+    ``decompressor`` (default: a plain per-thread one) may hold a dictionary the caller chose itself;
+    a frame may then name no dictionary or that one (``dict_id``), never another.
+    """
     nbytes = len(out)
     try:
         # Checked before decoding: a lying header is refused without reading the frame at all.
@@ -97,12 +107,13 @@ def zstd_decompress_into(payload: bytes | memoryview, out: memoryview, what: str
             )
         # The decoder allocates the frame's window up front (up to 128 MiB by default): a frame for a
         # small tensor may not ask for more than the tensor's size, with 1 MiB of slack.
-        if frame.window_size > max(MAX_ZSTD_WINDOW_SLACK, 2 * nbytes) or frame.dict_id:
+        foreign_dict = frame.dict_id not in (0, dict_id)
+        if frame.window_size > max(MAX_ZSTD_WINDOW_SLACK, 2 * nbytes) or foreign_dict:
             raise ValueError(
                 f"zstd payload for {what} asks for a {frame.window_size}-byte window"
-                f"{' and a dictionary' if frame.dict_id else ''}; refusing it for a {nbytes}-byte tensor"
+                f"{' and a dictionary' if foreign_dict else ''}; refusing it for a {nbytes}-byte tensor"
             )
-        reader = _contexts.decompressor.stream_reader(payload, read_across_frames=True)
+        reader = (decompressor or _contexts.decompressor).stream_reader(payload, read_across_frames=True)
         filled = 0
         while filled < nbytes:
             got = reader.readinto(out[filled:])
