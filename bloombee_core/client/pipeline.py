@@ -186,8 +186,14 @@ def chain_costs(model: DistributedModelForCausalLM, batch: int) -> ChainCosts:
     row_cost = max(row_costs) if row_costs else ROW_COST  # the servers' own measurement where announced
     records = [swarm.servers.get(hop.peer) for hop in hops]
     local = bool(records) and all(r is not None and r.addrs and all(map(_loopback, r.addrs)) for r in records)
-    cores = len(os.sched_getaffinity(0)) if local else None
+    cores = _usable_cores() if local else None
     return ChainCosts(latency, tuple(steps), client_step, per_row, row_cost, shared_cores=cores)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one, e.g. not on macOS)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _loopback(multiaddr: str) -> bool:
