@@ -123,19 +123,32 @@ def swarm_client(
     ready_timeout: float,
     variant: str = "",
     proxy_per_server: bool = False,
+    dtype: torch.dtype | None = None,
+    server_args: list[str] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """A running swarm for ``cuts`` behind ``link`` and a client connected to it: yields (client, swarm).
-    ``threads``: the servers' torch threads (None: their default)."""
+    ``threads``: the servers' torch threads (None: their default); ``dtype``: servers' and client's
+    (default: the bench model's); ``server_args``: extra ``bloombee serve`` flags; ``client_options``:
+    extra ``from_pretrained`` keywords."""
     from bench.fastpath import patched
     from bench.swarm import BenchSwarm
     from bloombee_core.client import AutoDistributedModelForCausalLM
 
+    dtype = dtype or model.dtype
     swarm_at = BenchSwarm(
-        model.path, cuts, link, threads=threads, variant=variant, proxy_per_server=proxy_per_server
+        model.path,
+        cuts,
+        link,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=threads,
+        variant=variant,
+        proxy_per_server=proxy_per_server,
+        server_args=server_args,
     )
     with patched(variant), swarm_at as swarm:
         client = AutoDistributedModelForCausalLM.from_pretrained(
-            model.path, initial_peers=swarm.initial_peers, dtype=model.dtype
+            model.path, initial_peers=swarm.initial_peers, dtype=dtype, **(client_options or {})
         )
         try:
             _wait_until_served(client, model, swarm, ready_timeout)

@@ -161,8 +161,10 @@ class BenchSwarm:
         start_timeout: float = 120.0,
         variant: str = "",
         proxy_per_server: bool = False,
+        server_args: list[str] | None = None,
     ) -> None:
         self.model_path = model_path
+        self.server_args = list(server_args or [])  # extra `bloombee serve` flags (e.g. --compressor none)
         self.cuts = cuts
         self.link = link
         self.dtype = dtype
@@ -220,6 +222,7 @@ class BenchSwarm:
                         "--listen", f"/ip4/127.0.0.1/tcp/{sport}",
                         "--announce", f"/ip4/127.0.0.1/tcp/{pport}",
                         *thread_flag,
+                        *self.server_args,
                     ],
                     env,
                 )  # fmt: skip

@@ -39,6 +39,18 @@ class Compressor(Plugin):
         """
         raise NotImplementedError
 
+    def for_link(self, bandwidth_bytes_per_s: float | None) -> Compressor:
+        """This compressor for one link whose receiver reports ``bandwidth_bytes_per_s`` (None: not yet
+        measured). Compressors that choose per message from the link speed (``auto``) return a copy that
+        uses it; the others return themselves."""
+        return self
+
+    def for_tensor(self, tensor: torch.Tensor) -> Compressor:
+        """The compressor that encodes ``tensor`` on the wire (its name goes in the message header).
+        A compressor that only chooses between others (``auto``) returns the chosen one, so the
+        receiver needs nothing but that codec; the others return themselves."""
+        return self
+
 
 class RawCompressor(Compressor):
     """No compression: the payload is the tensor's bytes. Every peer decodes it (name ``none``)."""

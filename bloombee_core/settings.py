@@ -151,7 +151,9 @@ class ServerSettings(_Section):
     )
     offload: PluginChoice = choice("none", description="Offload policy: where the span's weights live.")
     compressor: PluginChoice = choice(
-        "none", description="Compressor for the hidden states this server sends."
+        "auto",
+        description="Compressor for the hidden states this server sends; auto: per message and link, "
+        "lossless zstd-exponent where it gets the tensor across sooner, else raw.",
     )
 
     @field_validator("blocks")
@@ -173,7 +175,9 @@ class ServerSettings(_Section):
 
 class ClientSettings(_Section):
     compressor: PluginChoice = choice(
-        "none", description="Compressor for the hidden states the client sends."
+        "auto",
+        description="Compressor for the hidden states the client sends; auto: per message and link, "
+        "lossless zstd-exponent where it gets the tensor across sooner, else raw.",
     )
     decoding: PluginChoice = choice(
         "greedy", description="Decoding strategy: greedy, sampling, speculative ..."

@@ -61,6 +61,8 @@ def render(report: dict[str, Any], console: Any = None) -> None:
             "placed",
             "throughput (tok/s)",
             "cache left",
+            "sent wire/raw",
+            "received wire/raw",
             "dtype",
             "version",
         )
@@ -74,10 +76,12 @@ def render(report: dict[str, Any], console: Any = None) -> None:
                 "auto" if s.get("movable") else "fixed",
                 f"{s['throughput']:.1f}",
                 _bytes(s["cache_left"]),
+                *_wire_over_raw(s.get("traffic") or [0, 0, 0, 0]),
                 s["dtype"],
                 s["version"],
             )
         console.print(table)
+        _print_links(console, model["servers"])
         line = Text("coverage: ")
         for index, count in enumerate(model["coverage"]):
             style = "bold white on red" if count == 0 else ("green" if count > 1 else "cyan")
@@ -106,6 +110,22 @@ def _print_throughput(console: Any, capacity: list[float], weakest: dict[str, An
         f"swarm throughput: {weakest['throughput']:.1f} tok/s, "
         f"bottleneck at blocks {_ranges(weakest['blocks'])}"
     )
+
+
+def _wire_over_raw(counts: list[int]) -> list[str]:
+    """``"<wire> / <raw> (<ratio>)"`` for sent and received tensor bytes."""
+    out = []
+    for raw, wire in ((counts[0], counts[1]), (counts[2], counts[3])):
+        out.append(f"{_bytes(wire)} / {_bytes(raw)}" + (f" ({wire / raw:.2f})" if raw else ""))
+    return out
+
+
+def _print_links(console: Any, servers: list[dict[str, Any]]) -> None:
+    """Each server's busiest links: tensor bytes on the wire against raw, per direction."""
+    for s in servers:
+        for peer, *counts in s.get("links") or []:
+            sent, received = _wire_over_raw(counts)
+            console.print(f"  link {s['peer'][-12:]} -> {peer[-12:]}: sent {sent}, received {received}")
 
 
 def _bytes(n: int) -> str:

@@ -10,6 +10,7 @@ import torch
 
 from bloombee_core.compression import Compressor
 from bloombee_core.swarm import wire
+from bloombee_core.swarm.links import LinkLike
 from bloombee_core.transport import FrameStream, Transport, TransportError
 
 Tensors = dict[str, torch.Tensor]
@@ -31,16 +32,17 @@ async def request(
     tensors: Mapping[str, torch.Tensor] | None,
     compressor: Compressor,
     decoders: Mapping[str, Compressor],
+    link: LinkLike | None = None,
 ) -> tuple[dict[str, Any], Tensors]:
     """Send one message and read its reply (raising :class:`RemoteError` for an error reply)."""
-    await wire.send(stream, header, tensors, compressor)
-    return await read_reply(stream, decoders)
+    await wire.send(stream, header, tensors, compressor, link)
+    return await read_reply(stream, decoders, link)
 
 
 async def read_reply(
-    stream: FrameStream, decoders: Mapping[str, Compressor]
+    stream: FrameStream, decoders: Mapping[str, Compressor], link: LinkLike | None = None
 ) -> tuple[dict[str, Any], Tensors]:
-    reply = await wire.read_header(stream)
+    reply = await wire.read_header(stream, link)
     if reply is None:
         raise TransportError(f"server {stream.peer} closed the stream without answering")
     head, metas = reply
@@ -48,7 +50,7 @@ async def read_reply(
         raise RemoteError(
             stream.peer, str(head.get("error", "no reason given")), str(head.get("code", "internal"))
         )
-    return head, await wire.read_tensors(stream, metas, decoders, 1 << 31)
+    return head, await wire.read_tensors(stream, metas, decoders, 1 << 31, link)
 
 
 async def call(
@@ -59,11 +61,12 @@ async def call(
     compressor: Compressor,
     decoders: Mapping[str, Compressor],
     timeout: float,
+    link: LinkLike | None = None,
 ) -> tuple[dict[str, Any], Tensors]:
     """One :func:`request` on a stream of its own, answered within ``timeout`` seconds."""
     stream = await transport.connect(peer, wire.PROTOCOL)
     try:
-        return await asyncio.wait_for(request(stream, header, tensors, compressor, decoders), timeout)
+        return await asyncio.wait_for(request(stream, header, tensors, compressor, decoders, link), timeout)
     finally:
         stream.close()
 

@@ -22,6 +22,7 @@ from bloombee_core.client.pipeline import Size, prefill_chunks
 from bloombee_core.client.retry import retryable
 from bloombee_core.client.rpc import Tensors, for_blocks, read_reply, step_inputs
 from bloombee_core.swarm import wire
+from bloombee_core.swarm.links import SessionLink
 from bloombee_core.swarm.routing import Hop
 from bloombee_core.swarm.wire import ProtocolError
 from bloombee_core.transport import FrameStream
@@ -47,6 +48,7 @@ class HopSession:
         self.server_counts: dict[str, int] = {}  # the server's own count of inputs received, by origin
         self.wait = 0.0  # how long the last step's reply took after the previous hop's
         self.opening = False  # the open's reply is still to be read (before the first step's)
+        self.link: SessionLink | None = None  # this session's bytes, and the link's speed estimate
 
     def push_ref(self) -> PushRef:
         return {"peer": self.hop.peer, "session_id": self.id}
@@ -60,6 +62,7 @@ class HopSession:
         trees: bool = False,
         group: str | None = None,
     ) -> None:
+        self.link = client.links.session(self.hop.peer)
         self.stream = await client.transport.connect(self.hop.peer, wire.PROTOCOL)
         header = {
             "type": "open",
@@ -76,22 +79,22 @@ class HopSession:
             header["group"] = group  # micro-batches of one generate: servers do not batch them together
         # No round trip of its own: the first step follows at once, and the open's reply (an error if
         # the server refuses, e.g. busy) is read just before that step's reply.
-        await wire.send(self.stream, header)
+        await wire.send(self.stream, header, link=self.link)
         self.opening = True
 
     async def _next_reply(self, client: SwarmClient) -> tuple[dict[str, Any], Tensors]:
         assert self.stream is not None
         if self.opening:
-            await read_reply(self.stream, client.decoders)
+            await read_reply(self.stream, client.decoders, self.link)
             self.opening = False
-        return await read_reply(self.stream, client.decoders)
+        return await read_reply(self.stream, client.decoders, self.link)
 
     async def send(self, client: SwarmClient, tensors: Tensors, ahead: int = 0) -> None:
         """Deliver the current step's input ourselves (no push, or a push that is late); with ``ahead``,
         the input of the step that many after the current one (steps in flight: chunked prefill)."""
         assert self.stream is not None
         header = {"type": "step", "step": self.steps + ahead}
-        await wire.send(self.stream, header, tensors, client.compressor)
+        await wire.send(self.stream, header, tensors, client.compressor, self.link)
         self.sent += 1
 
     async def receive(
@@ -142,11 +145,13 @@ class HopSession:
             "sent_by_client": self.sent,
             "computed_from": dict(self.sources),
             "server_received": dict(self.server_counts),
+            "traffic": self.link.traffic.as_dict() if self.link is not None else {},
+            "send_rate": self.link.link.send_rate if self.link is not None else None,
         }
 
     async def set_push(self, push: PushRef | None) -> None:
         if self.stream is not None:
-            await wire.send(self.stream, {"type": "route", "push": push})
+            await wire.send(self.stream, {"type": "route", "push": push}, link=self.link)
 
     def close(self) -> None:
         if self.stream is not None:

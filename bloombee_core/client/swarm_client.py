@@ -15,6 +15,7 @@ from bloombee_core.client.retry import Retries
 from bloombee_core.client.rpc import Tensors, call
 from bloombee_core.compression import RAW, Compressor
 from bloombee_core.swarm import wire
+from bloombee_core.swarm.links import Links
 from bloombee_core.swarm.records import ServerRecord, fetch_servers
 from bloombee_core.swarm.routing import BanList, Hop, NoRouteError, plan_route
 from bloombee_core.transport import Transport
@@ -52,6 +53,7 @@ class SwarmClient:
         self.compressor, self.decoders = compressor, wire.compressor_table(compressors)
         self.timeout, self.max_retries, self.refresh_every = timeout, max_retries, refresh_every
         self.push_grace = push_grace  # seconds to wait for a pushed step before sending it ourselves
+        self.links = Links()  # bytes and measured speed per server (auto compression decides with it)
         self.bans = BanList()
         self.rtt: dict[str, float] = {}
         self.servers: dict[str, ServerRecord] = {}
@@ -65,7 +67,8 @@ class SwarmClient:
 
     async def info(self, peer: str) -> dict[str, Any]:
         """A server's own report (span, cache left, throughput, sessions, resident weight fraction)."""
-        head, _ = await call(self.transport, peer, {"type": "info"}, None, RAW, self.decoders, 5.0)
+        link = self.links.get(peer)
+        head, _ = await call(self.transport, peer, {"type": "info"}, None, RAW, self.decoders, 5.0, link)
         return head
 
     async def ping(self, peer: str) -> float:
@@ -105,8 +108,9 @@ class SwarmClient:
     async def call(self, hop: Hop, kind: str, tensors: Tensors) -> Tensors:
         """One stateless request (``forward`` or ``backward``) for blocks ``hop.start:hop.end``."""
         header = {"type": kind, "start": hop.start, "end": hop.end}
+        link = self.links.get(hop.peer)
         _, out = await call(
-            self.transport, hop.peer, header, tensors, self.compressor, self.decoders, self.timeout
+            self.transport, hop.peer, header, tensors, self.compressor, self.decoders, self.timeout, link
         )
         return out
 
@@ -129,7 +133,7 @@ def swarm_client_for(
         model_key(config, folder),
         family.num_blocks(config),
         family.allowed_cuts(config),
-        compressor=compressor if compressor is not None else RAW,
+        compressor=compressor if compressor is not None else plugins.create("compressors", "auto"),
         compressors=plugins.instances_without_options("compressors"),
         timeout=timeout,
         max_retries=max_retries,

@@ -38,15 +38,16 @@ LINGER_BYTES = 64 << 20
 
 async def handle(server: Server, stream: FrameStream) -> None:
     """Serve one stream; whatever goes wrong becomes an error reply on it, never a server crash."""
+    link = server.links.get(stream.peer)
     try:
         while True:
-            message = await wire.read_header(stream)
+            message = await wire.read_header(stream, link)
             if message is None:
                 return
             header, metas = message
             kind = header.get("type")
             if kind == "info":
-                await wire.send(stream, {"ok": True, **server.info()})
+                await wire.send(stream, {"ok": True, **server.info()}, link=link)
             elif kind in ("forward", "backward"):
                 await _stateless(server, stream, header, metas, kind)
             elif kind == "open":
@@ -78,7 +79,7 @@ async def _stateless(
     tensors = await server.read_inputs(stream, metas, kind, view)
     run = server.compute.forward if kind == "forward" else server.compute.backward
     outputs = await server.compute_thread.run(run, view, tensors, priority=BULK)  # behind inference steps
-    await wire.send(stream, {"ok": True}, outputs, server.output_compressor)
+    await wire.send(stream, {"ok": True}, outputs, server.output_compressor, server.links.get(stream.peer))
 
 
 async def _reply_error(stream: FrameStream, message: str, code: str) -> None:

@@ -25,6 +25,7 @@ from bloombee_core.server.compute import ComputeThread, SpanCompute
 from bloombee_core.server.sessions import Session
 from bloombee_core.server.throughput import measure_row_cost, measure_throughput
 from bloombee_core.swarm import wire
+from bloombee_core.swarm.links import Links
 from bloombee_core.swarm.records import ServerRecord, announce, withdraw
 from bloombee_core.swarm.wire import TensorMeta
 from bloombee_core.transport import FrameStream, Transport
@@ -70,6 +71,7 @@ class Server:
         self.cache_budget, self.cache_used = cache_budget, 0
         self.decoders = wire.compressor_table(compressors)
         self.output_compressor = output_compressor
+        self.links = Links()  # bytes and measured speed per peer (auto compression decides with it)
         self.public_name, self.version = public_name, version
         self.limits = limits or Limits()
         self.ttl = ttl
@@ -143,6 +145,8 @@ class Server:
             state=state,
             movable=self.movable,
             addrs=self.addrs,
+            traffic=_counts(self.links.total.as_dict()),
+            links=[[link.peer, *_counts(link.traffic.as_dict())] for link in self.links.busiest(4)],
         )
 
     def info(self) -> dict[str, Any]:
@@ -161,6 +165,7 @@ class Server:
             "sessions": len(self.sessions),
             "resident_fraction": self._resident_fraction(),
             "batching": self.batcher.stats(),
+            "traffic": self.links.as_dict(8),
             "movable": self.movable,
             "draining": [
                 [d.span.start, d.span.end, len(d.sessions & set(self.sessions))] for d in self.draining
@@ -238,9 +243,14 @@ class Server:
     ) -> dict[str, torch.Tensor]:
         """A ``kind`` request's tensors for ``view``: descriptions checked, payloads read, values checked."""
         self.checks.metas(metas, kind, view, batch, max_mask)
-        tensors = await wire.read_tensors(stream, metas, self.decoders, self.limits.max_tensor_bytes)
+        link = self.links.get(stream.peer)
+        tensors = await wire.read_tensors(stream, metas, self.decoders, self.limits.max_tensor_bytes, link)
         check_values(tensors)
         return tensors
+
+
+def _counts(traffic: dict[str, int]) -> list[int]:
+    return [traffic[k] for k in ("sent_raw", "sent_wire", "received_raw", "received_wire")]
 
 
 @dataclasses.dataclass(eq=False)

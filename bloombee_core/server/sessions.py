@@ -27,6 +27,7 @@ from bloombee_core.server.checks import (
     step_number,
 )
 from bloombee_core.swarm import wire
+from bloombee_core.swarm.links import Link, Links
 from bloombee_core.swarm.wire import TensorMeta
 from bloombee_core.transport import FrameStream, Transport
 
@@ -86,12 +87,12 @@ class Session:
     from_client: int = 0
     from_push: int = 0
 
-    def set_push(self, target: tuple[str, str] | None, transport: Transport) -> None:
+    def set_push(self, target: tuple[str, str] | None, transport: Transport, links: Links) -> None:
         """Point pushes at ``target`` and start opening its stream now, off the first step's path."""
         self.close_push()
         self.push_target = target
         if target is not None:
-            self.push_stream = asyncio.create_task(_open_push(transport, target[0]))
+            self.push_stream = asyncio.create_task(_open_push(transport, target[0], links))
 
     def close_push(self) -> None:
         if self.push_stream is not None:
@@ -116,10 +117,12 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     server.sessions[sid] = session
     reader: asyncio.Task | None = None
     try:
-        session.set_push(push_target(header.get("push")), server.transport)
+        session.set_push(push_target(header.get("push")), server.transport, server.links)
         reader = asyncio.create_task(_read_client(server, stream, session))
         await wire.send(
-            stream, {"ok": True, "session_id": sid, "cache_left": server.cache_budget - server.cache_used}
+            stream,
+            {"ok": True, "session_id": sid, "cache_left": server.cache_budget - server.cache_used},
+            link=server.links.get(stream.peer),
         )
         await _step_loop(server, stream, session)
     finally:
@@ -133,14 +136,18 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
 async def receive_pushes(
     server: Server, stream: FrameStream, header: dict[str, Any], metas: list[TensorMeta]
 ) -> None:
-    """A ``push`` stream: another server delivering steps' inputs for our sessions."""
+    """A ``push`` stream: another server delivering steps' inputs for our sessions. Each step that
+    measured the link is acknowledged with our receive rate (the pusher's ``auto`` compression uses it)."""
+    link = server.links.get(stream.peer)
     while True:
         sid = header.get("session_id")
         session = await _session_soon(server, sid)
         if session is None:
             raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
         await _accept_step(server, session, stream, header, metas, "push")
-        message = await wire.read_header(stream)
+        if link.report_due():
+            await wire.send(stream, {"ok": True, "type": "link"}, link=link)
+        message = await wire.read_header(stream, link)
         if message is None:
             return
         header, metas = message
@@ -150,9 +157,10 @@ async def receive_pushes(
 
 async def _read_client(server: Server, stream: FrameStream, session: Session) -> None:
     """The client's messages -> the session's inbox."""
+    link = server.links.get(stream.peer)
     try:
         while True:
-            message = await wire.read_header(stream)
+            message = await wire.read_header(stream, link)
             if message is None:
                 await session.inbox.put(Closed())
                 return
@@ -196,7 +204,7 @@ async def _step_loop(server: Server, stream: FrameStream, session: Session) -> N
             case Failed(error):
                 raise error
             case Route(target):
-                session.set_push(target, server.transport)
+                session.set_push(target, server.transport, server.links)
             case Step() as step if step.number < session.next_step:
                 pass  # already computed from the other copy (a push and the client's own)
             case Step() as step if step.number > session.next_step:
@@ -228,7 +236,9 @@ async def _run_steps(server: Server, stream: FrameStream, session: Session, step
             "from_client": session.from_client,
             "from_push": session.from_push,
         }
-        await wire.send(stream, reply, {"hidden": out}, server.output_compressor)
+        await wire.send(
+            stream, reply, {"hidden": out}, server.output_compressor, server.links.get(stream.peer)
+        )
         session.next_step += 1
         if session.next_step not in session.pending:
             return
@@ -268,23 +278,24 @@ async def _push(
     header = {"type": "push", "session_id": session.push_target[1], "step": step}
     try:
         stream = await session.push_stream
-        await wire.send(stream, header, tensors, server.output_compressor)
+        await wire.send(stream, header, tensors, server.output_compressor, server.links.get(stream.peer))
     except Exception as exc:  # noqa: BLE001 - the client delivers the step instead
         logger.info("push to %s failed (%s); the client will deliver the step", session.push_target[0], exc)
-        session.set_push(None, server.transport)
+        session.set_push(None, server.transport, server.links)
         return False
     return True
 
 
-async def _open_push(transport: Transport, peer: str) -> FrameStream:
+async def _open_push(transport: Transport, peer: str, links: Links) -> FrameStream:
     stream = await transport.connect(peer, wire.PROTOCOL)
-    asyncio.create_task(_drain_replies(stream))
+    asyncio.create_task(_drain_replies(stream, links.get(peer)))
     return stream
 
 
-async def _drain_replies(stream: FrameStream) -> None:
+async def _drain_replies(stream: FrameStream, link: Link) -> None:
+    """Replies on a push stream: errors (logged) and the receiver's rate reports (taken by the link)."""
     try:
-        while (message := await wire.read_header(stream)) is not None:
+        while (message := await wire.read_header(stream, link)) is not None:
             if not message[0].get("ok", False):
                 logger.info("push refused by %s: %s", stream.peer, message[0].get("error"))
     except Exception:  # noqa: BLE001 - the push stream is best effort

@@ -91,6 +91,10 @@ class ServerRecord:
     addrs: list[str] = field(default_factory=list)
     movable: bool = False  # chose its blocks itself and may move (see bloombee_core.swarm.placement)
     row_cost: float | None = None  # a decode step's extra cost per extra row, as a fraction of 1 row
+    # tensor bytes since start: [sent raw, sent on the wire, received raw, received on the wire], in total
+    # and for its busiest links ([peer, the same four]); see bloombee_core.swarm.links
+    traffic: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    links: list[list[Any]] = field(default_factory=list)
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -117,6 +121,8 @@ class ServerRecord:
                 addrs=[str(a) for a in value.get("addrs", [])][:8],
                 movable=value.get("movable") is True,
                 row_cost=_row_cost(value.get("row_cost")),
+                traffic=_counts(value.get("traffic")) or [0, 0, 0, 0],
+                links=_links(value.get("links")),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -128,6 +134,28 @@ def _row_cost(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if 0 <= value <= 10 else None  # NaN fails both comparisons
+
+
+def _counts(value: Any) -> list[int] | None:
+    """Four byte counts, or None where the value is not a list of four non-negative integers."""
+    if not isinstance(value, list) or len(value) != 4:
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        return None
+    return list(value)
+
+
+def _links(value: Any) -> list[list[Any]]:
+    """Announced per-link counts ``[[peer, four counts], ...]`` (at most 8); malformed entries dropped."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value[:8]:
+        if isinstance(item, list) and len(item) == 5 and isinstance(item[0], str):
+            counts = _counts(item[1:])
+            if counts is not None:
+                out.append([item[0][:64], *counts])
+    return out
 
 
 async def announce(

@@ -10,6 +10,7 @@ never more than the declared sizes. Nothing is pickled.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from bloombee_core.compression import RAW, Compressor
 from bloombee_core.dtypes import WIRE_DTYPES, torch_dtype
+from bloombee_core.swarm.links import LinkLike, LinkReportError
 from bloombee_core.transport import FrameStream, FrameTooLarge, TransportError
 
 PROTOCOL = "/bloombee/swarm/1.0.0"
@@ -59,15 +61,24 @@ async def send(
     header: dict[str, Any],
     tensors: Mapping[str, torch.Tensor] | None = None,
     compressor: Compressor = RAW,
+    link: LinkLike | None = None,
 ) -> None:
-    """Write one message: the header, then each tensor's (possibly compressed) payload in chunks."""
+    """Write one message: the header, then each tensor's (possibly compressed) payload in chunks.
+
+    With ``link`` (this peer's link to the stream's other end) the compressor is adapted to the link's
+    measured speed, the header carries our receive-rate report, and the bytes are counted on the link.
+    """
     payloads = []
     metas = []
+    if link is not None:
+        compressor = link.encoder(compressor)
+    raw_total = 0
     for name, tensor in (tensors or {}).items():
         if tensor.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, not one the wire carries")
-        use = compressor if tensor.is_floating_point() else RAW
+        use = compressor.for_tensor(tensor) if tensor.is_floating_point() else RAW
         payload = use.encode(tensor)
+        raw_total += tensor.numel() * tensor.element_size()
         payloads.append(payload)
         metas.append(
             {
@@ -79,6 +90,9 @@ async def send(
             }
         )
     body = dict(header)
+    if link is not None:
+        body.update(link.report())
+        link.traffic.sent(raw_total, sum(len(p) for p in payloads))
     body["tensors"] = metas
     packed = msgpack.packb(body, use_bin_type=True)
     if len(packed) > MAX_HEADER:
@@ -91,8 +105,11 @@ async def send(
     await stream.drain()
 
 
-async def read_header(stream: FrameStream) -> tuple[dict[str, Any], list[TensorMeta]] | None:
+async def read_header(
+    stream: FrameStream, link: LinkLike | None = None
+) -> tuple[dict[str, Any], list[TensorMeta]] | None:
     """The next message's header and tensor descriptions (payloads not yet read); ``None`` at end of stream.
+    With ``link``, the sender's receive-rate report in the header updates it.
 
     :raises ProtocolError: the header is not valid msgpack, not a map, or describes impossible tensors.
     """
@@ -108,7 +125,13 @@ async def read_header(stream: FrameStream) -> tuple[dict[str, Any], list[TensorM
         raise ProtocolError(f"message header is not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"message header must be a map, got {type(header).__name__}")
-    return header, _tensor_metas(header.get("tensors", []))
+    metas = _tensor_metas(header.get("tensors", []))
+    if link is not None:
+        try:
+            link.heard(header)
+        except LinkReportError as exc:
+            raise ProtocolError(str(exc)) from None
+    return header, metas
 
 
 def _tensor_metas(items: Any) -> list[TensorMeta]:
@@ -137,11 +160,16 @@ def _tensor_metas(items: Any) -> list[TensorMeta]:
 
 
 async def read_tensors(
-    stream: FrameStream, metas: list[TensorMeta], compressors: Mapping[str, Compressor], max_bytes: int
+    stream: FrameStream,
+    metas: list[TensorMeta],
+    compressors: Mapping[str, Compressor],
+    max_bytes: int,
+    link: LinkLike | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read and decode the payloads described by ``metas`` (already checked by the caller).
 
     ``max_bytes`` bounds every tensor, raw and encoded; sizes are checked before anything is read.
+    With ``link``, the bytes are counted on it and the time the payloads took measures its speed.
     """
     for meta in metas:
         if meta.compressor not in compressors:
@@ -158,7 +186,8 @@ async def read_tensors(
                 f"tensor {meta.name!r}: {meta.nbytes} raw bytes declared, {meta.dtype} {list(meta.shape)} "
                 f"needs {meta.raw_nbytes}"
             )
-    out: dict[str, torch.Tensor] = {}
+    begin = time.perf_counter()
+    payloads = []
     for meta in metas:
         parts = []
         left = meta.nbytes
@@ -173,7 +202,13 @@ async def read_tensors(
                 raise ProtocolError(f"tensor {meta.name!r}: empty payload frame")
             parts.append(frame)
             left -= len(frame)
-        payload = b"".join(parts)
+        payloads.append(b"".join(parts))
+    if link is not None:
+        wire_bytes = sum(meta.nbytes for meta in metas)
+        link.measured(wire_bytes, time.perf_counter() - begin)
+        link.traffic.received(sum(meta.raw_nbytes for meta in metas), wire_bytes)
+    out: dict[str, torch.Tensor] = {}
+    for meta, payload in zip(metas, payloads, strict=True):
         try:
             out[meta.name] = compressors[meta.compressor].decode(payload, meta.dtype, meta.shape)
         except ProtocolError:

@@ -6,23 +6,27 @@ compressing costs, ``encode + decode``. Both sides are predicted from measured c
 of the tensor's size and dtype and the link estimate: :func:`choose_codec`.
 
 The link estimate lives on the instance (``bandwidth_bytes_per_s``, ``rtt_s``), initialised from the
-options; a caller that measures its link may update the attributes at any time. The round-trip time
+options; :meth:`AutoCompressor.for_link` gives a copy for one link whose receive rate was measured
+(:mod:`bloombee_core.swarm.links`: every peer reports how fast it receives what the other sends). The round-trip time
 is paid once per message whatever the codec, so it does not enter the choice; it is kept so a caller
 can store its whole estimate in one place.
 
-Payload: one tag byte (0: raw bytes follow; 1: a ``zstd-exponent`` payload follows), so decoding
-needs no state and a peer decodes whatever the sender chose.
+On the wire ``auto`` never appears: :meth:`AutoCompressor.for_tensor` hands the message the chosen
+codec, whose name goes in the header, so a raw message costs nothing extra and a peer decodes it even
+without this plugin. Used directly, :meth:`AutoCompressor.encode` writes one tag byte (0: raw bytes
+follow; 1: a ``zstd-exponent`` payload follows), so decoding needs no state.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
 from bloombee_compress.exponent import ZstdExponentCompressor
-from bloombee_core.compression import Compressor, expected_nbytes, tensor_bytes_view, tensor_from_bytes
+from bloombee_core.compression import RAW, Compressor, expected_nbytes, tensor_bytes_view, tensor_from_bytes
 from bloombee_core.plugin import PluginOptions
 
 if TYPE_CHECKING:
@@ -95,9 +99,19 @@ class AutoCompressor(Compressor):
         self.rtt_s: float = self.options.rtt_s
         self._exponent = ZstdExponentCompressor()
 
+    def for_link(self, bandwidth_bytes_per_s: float | None) -> AutoCompressor:
+        if bandwidth_bytes_per_s is None or bandwidth_bytes_per_s == self.bandwidth_bytes_per_s:
+            return self
+        adapted = copy.copy(self)  # shares the (stateless) codec
+        adapted.bandwidth_bytes_per_s = bandwidth_bytes_per_s
+        return adapted
+
     def choose(self, tensor: torch.Tensor) -> str:
         nbytes = tensor.numel() * tensor.element_size()
         return choose_codec(nbytes, str(tensor.dtype).removeprefix("torch."), self.bandwidth_bytes_per_s)
+
+    def for_tensor(self, tensor: torch.Tensor) -> Compressor:
+        return self._exponent if self.choose(tensor) == "zstd-exponent" else RAW
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         if self.choose(tensor) == "zstd-exponent":
