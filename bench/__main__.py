@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Every benchmark stopped with Ctrl-C or `kill PID` must still stop its swarms (children run in
+    # their own process groups, so only this process gets the signal). A shell's background job
+    # ignores SIGINT; SIGTERM would end the process without running any cleanup.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     if argv[:1] == ["concurrent"]:
         from bench import concurrent
 
@@ -100,10 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         _write(old, meta, console)
         return 0
 
-    # A sweep stopped with Ctrl-C or `kill PID` must still stop its swarm (children run in their own
-    # process groups, so only this process gets the signal). A shell's background job ignores SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
     load_before = os.getloadavg()[0]
     rows, errors = sweep(args, console)
     meta = {

@@ -2,11 +2,13 @@
 
 Per link setting (default ``20ms``: 20 ms one way, 100 Mbit/s; ``50ms``: 50 ms, 20 Mbit/s — the
 reference links of shared/BENCHMARKS.md), SmolLM2 in bf16 split over two servers behind the WAN proxy,
-two swarms back to back: servers and client with ``--compressor none``, then with the default
-(``auto``). On each, after a warm-up (which also lets every link measure its speed), ``--runs`` rounds
-of:
+two swarms: servers and client with ``--compressor none``, and with the default
+(``auto``), both up at once and measured alternately. After a warm-up (which also lets every link
+measure its speed), ``--runs`` rounds of, each on ``none`` then ``auto``:
 
-* **prefill2048** — one 2048-token prompt, 1 new token: wall time of the generate call;
+* **prefill2048** — one 2048-token prompt, 1 new token: wall time of the generate call (with the
+  default chunked prefill, which overlaps transfers with compute); **prefill2048-unchunked** the same
+  with ``prefill_chunk=0`` (one message per hop: transfers add to compute);
 * **decode1** / **decode16** — batch 1 / 16 of 16-token prompts, 32 new tokens: ms per decode step,
   ``(t(32 tokens) - t(1 token)) / 31`` (prefill and session set-up cancel out).
 
@@ -33,7 +35,8 @@ from bench.pipeline import _generate_s
 
 RESULTS_JSON = Path(__file__).resolve().parent / "results" / "links.json"
 PROMPT, NEW, LONG = 16, 32, 2048
-SCENARIOS = ("prefill2048", "decode1", "decode16")
+SCENARIOS = ("prefill2048", "prefill2048-unchunked", "decode1", "decode16")
+COMPRESSORS = ("none", "auto")
 
 
 def _traffic(client: Any) -> dict[str, int]:
@@ -47,8 +50,13 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 def measure(client: Any, scenario: str, prompts: dict[str, torch.Tensor]) -> tuple[float, dict[str, int]]:
     """Seconds (prefill) or seconds per decode step (decode), and the client's bytes during it."""
     before = _traffic(client)
-    if scenario == "prefill2048":
-        value = _generate_s(client, prompts["long"], 1)
+    if scenario.startswith("prefill2048"):
+        old = client.prefill_chunk
+        client.prefill_chunk = 0 if scenario.endswith("unchunked") else old
+        try:
+            value = _generate_s(client, prompts["long"], 1)
+        finally:
+            client.prefill_chunk = old
     else:
         ids = prompts["one"] if scenario == "decode1" else prompts["batch"]
         first = _generate_s(client, ids, 1)
@@ -56,7 +64,12 @@ def measure(client: Any, scenario: str, prompts: dict[str, torch.Tensor]) -> tup
     return value, _delta(_traffic(client), before)
 
 
-def run_swarm(model: Any, cuts: list[int], link_name: str, compressor: str, runs: int, threads: int):
+def run_link(model: Any, cuts: list[int], link_name: str, runs: int, threads: int) -> dict[str, Any]:
+    """Both swarms of one link up at once; every run measures each scenario on ``none`` then ``auto``,
+    so drift of the shared machine falls on both alike; which goes first alternates
+    between runs (a run may pay for what the one before it left behind)."""
+    from contextlib import ExitStack
+
     from bench.models import random_prompt
     from bench.runner import swarm_client
     from bloombee_core.compression import RAW
@@ -66,27 +79,36 @@ def run_swarm(model: Any, cuts: list[int], link_name: str, compressor: str, runs
         "one": random_prompt(model.vocab_size, 1, PROMPT),
         "batch": random_prompt(model.vocab_size, 16, PROMPT, seed=2),
     }
-    client_options = {"compressor": RAW} if compressor == "none" else {}
-    values: dict[str, list[float]] = {s: [] for s in SCENARIOS}
-    traffic: dict[str, dict[str, int]] = {}
-    with swarm_client(
-        model,
-        cuts,
-        parse_link(link_name),
-        threads,
-        240.0,
-        dtype=torch.bfloat16,
-        server_args=["--compressor", compressor],
-        client_options=client_options,
-    ) as (client, _):
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        clients = {}
+        for compressor in COMPRESSORS:
+            clients[compressor], _ = stack.enter_context(
+                swarm_client(
+                    model,
+                    cuts,
+                    parse_link(link_name),
+                    threads,
+                    240.0,
+                    dtype=torch.bfloat16,
+                    server_args=["--compressor", compressor],
+                    client_options={"compressor": RAW} if compressor == "none" else {},
+                )
+            )
+            results[compressor] = {"values": {s: [] for s in SCENARIOS}, "traffic": {}}
         for scenario in SCENARIOS:  # warm-up: every scenario once (links measure their speed)
-            measure(client, scenario, prompts)
-        for _ in range(runs):
+            for client in clients.values():
+                measure(client, scenario, prompts)
+        for run in range(runs):
             for scenario in SCENARIOS:
-                value, traffic[scenario] = measure(client, scenario, prompts)
-                values[scenario].append(value)
-        rates = {link.peer[-8:]: link.send_rate for link in client.swarm.links.busiest(8)}
-    return values, traffic, rates
+                order = list(clients.items())[:: 1 if run % 2 == 0 else -1]  # who goes first alternates
+                for compressor, client in order:
+                    value, results[compressor]["traffic"][scenario] = measure(client, scenario, prompts)
+                    results[compressor]["values"][scenario].append(value)
+        for compressor, client in clients.items():
+            links = client.swarm.links.busiest(8)
+            results[compressor]["rates"] = {link.peer[-8:]: link.send_rate for link in links}
+    return results
 
 
 def transfer_floor_s(scenario: str, link_name: str, servers: int, hidden: int, ratio: float) -> float:
@@ -94,7 +116,9 @@ def transfer_floor_s(scenario: str, link_name: str, servers: int, hidden: int, r
     link = LINKS[link_name]
     if link.bytes_per_s is None:
         return 0.0
-    rows, tokens = {"prefill2048": (1, LONG), "decode1": (1, 1), "decode16": (16, 1)}[scenario]
+    rows, tokens = (
+        (1, LONG) if scenario.startswith("prefill") else ((1, 1) if scenario == "decode1" else (16, 1))
+    )
     return hop_count(servers) * rows * tokens * hidden * 2 * ratio / link.bytes_per_s
 
 
@@ -104,7 +128,7 @@ def rows_for(
     rows = []
     for scenario in SCENARIOS:
         none = statistics.median(results["none"]["values"][scenario])
-        for compressor in ("none", "auto"):
+        for compressor in COMPRESSORS:
             got = results[compressor]
             median = statistics.median(got["values"][scenario])
             traffic = got["traffic"][scenario]
@@ -135,7 +159,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        unit = "s" if r["scenario"] == "prefill2048" else "ms/step"
+        unit = "s" if r["scenario"].startswith("prefill") else "ms/step"
         scale = 1 if unit == "s" else 1000
         lines.append(
             f"| {r['link']} | {r['scenario']} | {r['compressor']} | {r['seconds'] * scale:.3g} {unit} "
@@ -162,13 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     for link_name in args.link:
-        results: dict[str, Any] = {}
         try:
-            for compressor in ("none", "auto"):
-                values, traffic, rates = run_swarm(
-                    model, cuts, link_name, compressor, args.runs, args.threads
-                )
-                results[compressor] = {"values": values, "traffic": traffic, "rates": rates}
+            results = run_link(model, cuts, link_name, args.runs, args.threads)
         except Exception as exc:  # noqa: BLE001 - one broken swarm must not lose the other link
             errors.append(f"{link_name}: {type(exc).__name__}: {exc}")
             continue
