@@ -228,8 +228,12 @@ class ModelFamily(Plugin):
         end: int,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        place: Callable[[nn.Module], None] | None = None,
     ) -> BlockSpan:
-        """Blocks ``start:end`` of the checkpoint folder ``path``, reading only their own tensors."""
+        """Blocks ``start:end`` of the checkpoint folder ``path``, reading only their own tensors.
+
+        ``place`` (an offload placer, ``device`` then unused) gets each layer as soon as it is loaded
+        on the CPU, so that no more than one layer is read ahead of where it will live."""
         from bloombee_core.model.checkpoint import (
             TensorSource,
             layer_from_state,
@@ -251,9 +255,13 @@ class ModelFamily(Plugin):
             state = {name[len(prefix) :]: source.read(name) for name in source.names(prefix)}
             state = self.convert_layer_state(config, index, state)
             layer = layer_from_state(partial(self.make_layer, layer_cls, config, index), state)
-            layers.append(layer.to(device=device, dtype=dtype))
+            if place is None:
+                layers.append(layer.to(device=device, dtype=dtype))
+            else:  # the placer moves it (and whatever is outside the layers, when it finishes)
+                place(layer.to(dtype=dtype))
+                layers.append(layer)
         span = BlockSpan(self, config, start, end, layers, self.make_rotary(config, skeleton))
-        return span.to(device=device).eval()
+        return (span if place is not None else span.to(device=device)).eval()
 
     def convert_layer_state(
         self, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor]

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -128,6 +128,12 @@ class ServerSettings(_Section):
     )
     public_name: str | None = Field(None, description="A name shown by `bloombee status`.")
     cache_bytes: int | None = Field(None, ge=0, description="KV-cache memory budget in bytes.")
+    memory_budget: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="Most memory the server may use (RSS on cpu, allocated device memory on a GPU), "
+        "e.g. 2GiB: weights that do not fit stream from CPU memory or disk; sessions beyond it are busy.",
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -149,7 +155,9 @@ class ServerSettings(_Section):
         description="Tokens (rows x new tokens) of all steps in one batched forward; larger steps run "
         "alone; 0 turns cross-session batching off.",
     )
-    offload: PluginChoice = choice("none", description="Offload policy: where the span's weights live.")
+    offload: PluginChoice = choice(
+        "none", description="Offload policy: where the span's weights and KV cache live."
+    )
     compressor: PluginChoice = choice(
         "auto",
         description="Compressor for the hidden states this server sends; auto: per message and link, "

@@ -85,22 +85,97 @@ def test_percent_accounting_follows_the_option(checkpoint: Path) -> None:
     assert len(set(layer_bytes)) == 1  # identical layers: 50% is exactly the first two
     total = sum(layer_bytes)
     largest = max(param_bytes(p) for p in load_span(checkpoint).parameters())
+    meta = torch.device("meta")  # stands in for a GPU: the CPU tier is a tier of its own there
     for percent in (0, 10, 37, 50, 85, 100):
         span = PercentOffload(PercentOffload.Options(weights_on_device=percent)).apply(
-            load_span(checkpoint), CPU
+            load_span(checkpoint), meta
         )
         plan = offload_plan(span)
-        assert plan is not None and plan.total_bytes == total
+        assert plan is not None and plan.total_bytes == total and plan.disk_bytes == 0
         # Never over budget, and short of it by less than one weight tensor.
         assert total * percent // 100 - largest < plan.resident_bytes <= total * percent // 100
     half = offload_plan(
-        PercentOffload(PercentOffload.Options(weights_on_device=50)).apply(load_span(checkpoint), CPU)
+        PercentOffload(PercentOffload.Options(weights_on_device=50)).apply(load_span(checkpoint), meta)
     )
     assert half is not None and half.resident_bytes == total // 2 and half.streamed_units == 2
     nothing = offload_plan(
-        PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(load_span(checkpoint), CPU)
+        PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(load_span(checkpoint), meta)
     )
     assert nothing is not None and nothing.resident_fraction == 0.0 and nothing.streamed_units == LAYERS
+
+
+def test_on_a_cpu_device_cpu_memory_is_resident_and_disk_is_the_other_tier(checkpoint: Path) -> None:
+    total = sum(param_bytes(p) for p in load_span(checkpoint).parameters())
+    on_cpu = offload_plan(
+        PercentOffload(PercentOffload.Options(weights_on_device=0)).apply(load_span(checkpoint), CPU)
+    )
+    assert on_cpu is not None and on_cpu.resident_bytes == total and on_cpu.streamed_units == 0
+    quarter = offload_plan(
+        PercentOffload(PercentOffload.Options(weights_on_device=50, weights_on_disk=25)).apply(
+            load_span(checkpoint), CPU
+        )
+    )
+    assert quarter is not None and quarter.disk_bytes == total // 4 and quarter.streamed_units == 1
+    assert quarter.resident_bytes == total - total // 4 and quarter.cpu_bytes == 0
+
+
+@pytest.mark.parametrize("on_disk", [50, 100])
+def test_weights_on_disk_keep_outputs_bit_identical(
+    checkpoint: Path, reference: list[torch.Tensor], on_disk: int
+) -> None:
+    span = PercentOffload(
+        PercentOffload.Options(weights_on_device=100 - on_disk, weights_on_disk=on_disk)
+    ).apply(load_span(checkpoint), CPU)
+    plan = offload_plan(span)
+    assert plan is not None and plan.streamed_units == LAYERS * on_disk // 100
+    for _ in range(2):  # pages dropped after the first forward come back for the second
+        for got, want in zip(run(span), reference, strict=True):
+            assert torch.equal(got, want)
+    # The streamed layers' weights are views of a private file mapping (the file itself is unlinked).
+    mapped = mapped_bytes()
+    assert mapped >= plan.disk_bytes
+
+
+def mapped_bytes() -> int:
+    """Size of this process's mappings of deleted offload files (``unit-*.bin (deleted)``)."""
+    total = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and "/unit-" in parts[5] and parts[5].endswith("(deleted)"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            total += end - start
+    return total
+
+
+def test_disk_pages_leave_memory_after_their_units_forward(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    span = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])  # 1 MiB of weights per unit
+    x = torch.randn(2, 512)
+    want = span(x)
+    policy = PercentOffload(
+        PercentOffload.Options(weights_on_device=0, weights_on_disk=100, directory=tmp_path)
+    )
+    policy.apply(span, CPU)
+    assert list(tmp_path.rglob("*.bin")) == []  # unlinked once mapped: nothing is left behind
+    resident_during: list[int] = []
+    for unit in span:  # registered after the policy's hooks: sees the unit's weights in use
+        unit.register_forward_hook(lambda module, args, out: resident_during.append(resident_mapped_kib()))
+    with torch.no_grad():
+        assert torch.equal(span(x), want)
+    assert all(kib >= 1024 for kib in resident_during)  # a unit's weights were paged in for its forward
+    # and dropped after it: of the 4 MiB at most the first unit's pages stay, fetched for the next forward
+    assert resident_mapped_kib() < 1536
+
+
+def resident_mapped_kib() -> int:
+    """Resident KiB of this process's offload-file mappings, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = "/unit-" in line
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
 
 
 def test_span_without_layers_uses_its_children_as_units() -> None:
@@ -108,7 +183,7 @@ def test_span_without_layers_uses_its_children_as_units() -> None:
     span = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
     x = torch.randn(3, 8)
     want = span(x)
-    PercentOffload(PercentOffload.Options(weights_on_device=40)).apply(span, CPU)
+    PercentOffload(PercentOffload.Options(weights_on_device=40, weights_on_disk=60)).apply(span, CPU)
     plan = offload_plan(span)
     assert plan is not None and plan.resident_bytes <= 0.4 * plan.total_bytes and plan.streamed_units >= 1
     assert torch.equal(span(x), want)
@@ -121,7 +196,14 @@ def test_policy_cannot_be_applied_twice(checkpoint: Path) -> None:
 
 
 def test_percent_option_is_validated() -> None:
-    for bad in [{"weights_on_device": 101}, {"weights_on_device": -1}, {"weights_on_gpu": 50}]:
+    bad_options = [
+        {"weights_on_device": 101},
+        {"weights_on_device": -1},
+        {"weights_on_gpu": 50},
+        {"weights_on_device": 60, "weights_on_disk": 50},
+        {"kv_on_device": 90, "kv_on_disk": 20},
+    ]
+    for bad in bad_options:
         with pytest.raises(ValidationError):
             PercentOffload.Options(**bad)
     assert PercentOffload().options.weights_on_device == 100

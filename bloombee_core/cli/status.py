@@ -61,6 +61,9 @@ def render(report: dict[str, Any], console: Any = None) -> None:
             "placed",
             "throughput (tok/s)",
             "cache left",
+            "weights dev/cpu/disk",
+            "kv layers dev/cpu/disk",
+            "memory peak/budget",
             "sent wire/raw",
             "received wire/raw",
             "dtype",
@@ -76,6 +79,7 @@ def render(report: dict[str, Any], console: Any = None) -> None:
                 "auto" if s.get("movable") else "fixed",
                 f"{s['throughput']:.1f}",
                 _bytes(s["cache_left"]),
+                *_placement(s.get("memory") or [0] * 8),
                 *_wire_over_raw(s.get("traffic") or [0, 0, 0, 0]),
                 s["dtype"],
                 s["version"],
@@ -126,6 +130,14 @@ def _print_links(console: Any, servers: list[dict[str, Any]]) -> None:
         for peer, *counts in s.get("links") or []:
             sent, received = _wire_over_raw(counts)
             console.print(f"  link {s['peer'][-12:]} -> {peer[-12:]}: sent {sent}, received {received}")
+
+
+def _placement(memory: list[int]) -> tuple[str, str, str]:
+    """The announced placement: weight bytes and KV-cache layers per tier, peak memory over the budget."""
+    weights = "/".join(_bytes(n) if n else "0" for n in memory[:3])
+    kv = "/".join(str(n) for n in memory[3:6])
+    peak = _bytes(memory[7]) if memory[7] else "-"
+    return weights, kv, f"{peak}/{_bytes(memory[6])}" if memory[6] else peak
 
 
 def _bytes(n: int) -> str:

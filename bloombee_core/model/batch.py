@@ -183,3 +183,4 @@ def _write_back(items: list[BatchItem], kv: Cache, owned: list[int], tokens: int
             item.cache.kv.update(k.contiguous(), v.contiguous(), index)
     for item in items:
         item.cache.length += tokens
+        item.cache.settle()  # tiered layers give back what the forward paged in

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -64,12 +66,30 @@ class TensorSource:
     def names(self, prefix: str) -> list[str]:
         return [name for name in self.files if name.startswith(prefix)]
 
+    def numel(self, name: str) -> int:
+        """Elements of tensor ``name``, from its shard's header (no data is read)."""
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
+        with safe_open(self.files[name], framework="pt") as f:
+            return math.prod(f.get_slice(self.stored.get(name, name)).get_shape())
+
     def read(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
         self.reads.append(name)
         with safe_open(self.files[name], framework="pt") as f:
             return f.get_tensor(self.stored.get(name, name))
+
+
+def span_weight_bytes(family: Any, path: str | Path, start: int, end: int, dtype: torch.dtype) -> list[int]:
+    """Bytes of each of ``family``'s blocks ``start:end`` in ``dtype``, from the checkpoint's headers
+    (no tensor data is read): what a server plans its memory with before loading."""
+    source = TensorSource(path, family.base_prefix)
+    sizes = []
+    for index in range(start, end):
+        names = source.names(f"{family.layer_prefix}{index}.")
+        sizes.append(sum(source.numel(name) for name in names) * dtype.itemsize)
+    return sizes
 
 
 def causal_lm_class(config: PretrainedConfig) -> type:

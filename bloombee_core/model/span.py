@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bloombee_core.family import SLIDING, span_problem
+from bloombee_core.model.kv_tiers import TIERS, TieredLayer, install_tiers, layer_tiers
 from bloombee_core.model.tree import tree_attention, valid_parents
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from transformers.cache_utils import Cache
 
     from bloombee_core.family import ModelFamily
+    from bloombee_core.model.kv_tiers import KVPlacement
 
 
 class SpanCache:
@@ -24,6 +26,9 @@ class SpanCache:
     A cache made for token trees (``trees=True``) keeps every token in every layer, sliding ones too (the
     window is applied by the mask), so that :meth:`keep` can drop a rejected branch and still hold what
     the next step's window needs.
+
+    Layers the span's ``kv_placement`` keeps off the device are :class:`TieredLayer` s: :meth:`settle`
+    gives back what they hold only while in use, :meth:`close` deletes their files.
     """
 
     def __init__(
@@ -35,6 +40,35 @@ class SpanCache:
         self.layer_indices = list(layer_indices)
         self.trees = trees
         self.length = 0  # tokens already cached
+        self.closed = False
+
+    def _tiered(self) -> list[TieredLayer]:
+        return [layer for layer in self.kv.layers if isinstance(layer, TieredLayer)]
+
+    def settle(self) -> None:
+        """Give back the pages and device copies tiered layers hold for a forward (it is over)."""
+        for layer in self._tiered():
+            layer.release()
+
+    def close(self) -> None:
+        """Free what the cache holds, in every tier, and delete its files; the cache cannot be used
+        after. Idempotent; the server calls it when a session ends (a cache collected unclosed still
+        deletes its files)."""
+        if self.closed:
+            return
+        self.closed = True
+        for layer in self.kv.layers:
+            if isinstance(layer, TieredLayer):
+                layer.close()
+            else:
+                layer.reset()
+
+    def __del__(self) -> None:
+        try:  # only the files: a forgotten cache's ``kv`` may still be in use elsewhere
+            for layer in self._tiered():
+                layer.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone
+            pass
 
     def _tensors(self) -> list[object]:
         """The cache layers of this span that hold keys and values."""
@@ -42,8 +76,12 @@ class SpanCache:
         return [layer for layer in layers if isinstance(getattr(layer, "keys", None), torch.Tensor)]
 
     def nbytes(self) -> int:
+        """Bytes of the keys and values cached, in whichever tier."""
         return sum(
-            t.numel() * t.element_size() for layer in self._tensors() for t in (layer.keys, layer.values)
+            layer.held_bytes()
+            if isinstance(layer, TieredLayer)
+            else sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+            for layer in self._tensors()
         )
 
     def keep(self, rows: torch.Tensor, last: int) -> None:
@@ -63,6 +101,9 @@ class SpanCache:
 
 class BlockSpan(nn.Module):
     """Decoder layers ``start:end`` of one model, runnable on their own with or without a KV cache."""
+
+    # where sessions' caches keep each layer's keys/values (set by the offload policy; None: on the device)
+    kv_placement: KVPlacement | None = None
 
     def __init__(
         self,
@@ -91,7 +132,9 @@ class BlockSpan(nn.Module):
         if (start, end) == (self.start, self.end):
             return self
         layers = list(self.layers)[start - self.start : end - self.start]
-        return BlockSpan(self.family, self.config, start, end, layers, self.rotary)
+        span = BlockSpan(self.family, self.config, start, end, layers, self.rotary)
+        span.kv_placement = self.kv_placement
+        return span
 
     def new_cache(self, batch_size: int, max_length: int, trees: bool = False) -> SpanCache:
         """An empty KV cache for a session; ``trees``: one that token trees may be verified against."""
@@ -100,14 +143,18 @@ class BlockSpan(nn.Module):
             from transformers.cache_utils import DynamicLayer
 
             kv.layers = [DynamicLayer() if type(layer) is not DynamicLayer else layer for layer in kv.layers]
+        install_tiers(self, kv, batch_size, max_length)
         return SpanCache(kv, batch_size, max_length, range(self.start, self.end), trees)
 
     def cache_bytes(self, batch_size: int, max_length: int, trees: bool = False) -> int:
+        return sum(self.cache_bytes_by_tier(batch_size, max_length, trees).values())
+
+    def cache_bytes_by_tier(self, batch_size: int, max_length: int, trees: bool = False) -> dict[str, int]:
+        """A session's KV-cache bytes at ``max_length`` tokens, per tier (``"device"``, ``"cpu"``,
+        ``"disk"``) under :attr:`kv_placement`."""
         itemsize = next(self.layers.parameters()).element_size()
-        total = 0
-        for index in range(self.start, self.end):
-            if not self.family.owns_kv(self.config, index):
-                continue
+        total = dict.fromkeys(TIERS, 0)
+        for index, tier in layer_tiers(self).items():
             kv_heads, head_dim = self.family.kv_shape(self.config, index)
             length = max_length
             if (
@@ -116,7 +163,7 @@ class BlockSpan(nn.Module):
                 and self.config.sliding_window
             ):
                 length = min(max_length, self.config.sliding_window)
-            total += 2 * batch_size * kv_heads * head_dim * length * itemsize
+            total[tier] += 2 * batch_size * kv_heads * head_dim * length * itemsize
         return total
 
     def forward(
@@ -146,8 +193,12 @@ class BlockSpan(nn.Module):
             attention = tree_attention(position_ids, attention_mask, tree, past)
         context = self.family.layer_context(self, hidden, position_ids, attention_mask, kv, attention)
         context.per_layer = per_layer_inputs
-        for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
-            hidden = self.family.run_layer(self, layer, index, hidden, context, kv)
+        try:
+            for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
+                hidden = self.family.run_layer(self, layer, index, hidden, context, kv)
+        finally:
+            if cache is not None:
+                cache.settle()
         if cache is not None:
             cache.length += length
         return hidden
@@ -161,6 +212,8 @@ def check_span_inputs(
     cache: SpanCache | None,
     past: int,
 ) -> None:
+    if cache is not None and cache.closed:
+        raise ValueError("this cache was closed when its session ended; open a new session")
     if hidden.ndim != 3 or hidden.shape[-1] != span.config.hidden_size:
         raise ValueError(
             f"hidden states must be [batch, tokens, {span.config.hidden_size}], got {list(hidden.shape)}"

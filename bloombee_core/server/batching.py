@@ -10,7 +10,7 @@ further steps queue and run together next. When the thread is free the runner wa
 lone client pays no wait.
 
 Run alone, as before batching: steps of sessions opened for token trees (their steps carry trees and
-``keep``), steps larger than ``max_batch_tokens`` (long prefills), and every step when batching is off
+``keep``) or whose KV cache lives partly off the device (see ``Session.runs_alone``), steps larger than ``max_batch_tokens`` (long prefills), and every step when batching is off
 (``max_batch_tokens = 0``). A group never pads its keys past any member's own ``max_length``, so the
 temporary combined cache is no larger than the members' reserved caches. Each step is checked against
 its session before it joins a group; if a batched forward fails anyway, its steps are retried one by one
@@ -86,7 +86,7 @@ class StepBatcher:
         """Compute ``session``'s due step (its cache grows); batched with others' steps where it can be."""
         rows, tokens = tensors["hidden"].shape[:2]
         session.last_active = time.monotonic()
-        if session.trees or not 0 < rows * tokens <= self.max_batch_tokens:
+        if session.runs_alone or not 0 < rows * tokens <= self.max_batch_tokens:
             return await self.thread.run_step(
                 rows * tokens,
                 self.compute.step,
@@ -130,7 +130,7 @@ class StepBatcher:
         head = self._queue[0].session
         queued = {id(due.session) for due in self._queue}
         return any(
-            s.span is head.span and not s.trees and id(s) not in queued and not _siblings(s, head)
+            s.span is head.span and not s.runs_alone and id(s) not in queued and not _siblings(s, head)
             for s in self.sessions.values()
         )
 

@@ -20,6 +20,7 @@ import torch
 from bloombee_core.compression import RAW, Compressor
 from bloombee_core.server import dispatch
 from bloombee_core.server.batching import StepBatcher
+from bloombee_core.server.budget import MemoryPlan, peak_memory
 from bloombee_core.server.checks import Limits, SpanChecks, check_values
 from bloombee_core.server.compute import ComputeThread, SpanCompute
 from bloombee_core.server.sessions import Session
@@ -54,6 +55,8 @@ class Server:
         public_name: str = "",
         version: str = "",
         limits: Limits | None = None,
+        memory: MemoryPlan | None = None,
+        base_memory: int = 0,
         ttl: float = 30.0,
         batch_wait_ms: float = 2.0,
         max_batch_tokens: int = 256,
@@ -74,6 +77,8 @@ class Server:
         self.links = Links()  # bytes and measured speed per peer (auto compression decides with it)
         self.public_name, self.version = public_name, version
         self.limits = limits or Limits()
+        self.memory = memory  # the split of a memory budget, if the server has one
+        self.base_memory = base_memory  # memory in use before the span loaded
         self.ttl = ttl
         self.checks = SpanChecks(
             start=span.start,
@@ -147,6 +152,7 @@ class Server:
             addrs=self.addrs,
             traffic=_counts(self.links.total.as_dict()),
             links=[[link.peer, *_counts(link.traffic.as_dict())] for link in self.links.busiest(4)],
+            memory=self._memory_counts(),
         )
 
     def info(self) -> dict[str, Any]:
@@ -164,6 +170,7 @@ class Server:
             "version": self.version,
             "sessions": len(self.sessions),
             "resident_fraction": self._resident_fraction(),
+            "placement": self._placement(),
             "batching": self.batcher.stats(),
             "traffic": self.links.as_dict(8),
             "movable": self.movable,
@@ -223,6 +230,43 @@ class Server:
 
         plan = offload_plan(self.span)
         return float(plan.resident_fraction) if plan is not None else 1.0
+
+    def _placement(self) -> dict[str, Any]:
+        """Where the span's weights and KV cache live, the memory budget's split and the peak used."""
+        from bloombee_core.offload import OffloadPlan, offload_plan, param_bytes
+
+        plan = offload_plan(self.span)
+        if plan is None:  # a span placed without a policy: everything on the device
+            span = self.span
+            owned = [i for i in range(span.start, span.end) if span.family.owns_kv(span.config, i)]
+            weights = sum(param_bytes(p) for p in span.parameters())
+            plan = OffloadPlan(self.device, resident_bytes=weights, kv={"device": len(owned)})
+        return {
+            **plan.tiers(),
+            "budget": self.memory.as_dict() if self.memory else None,
+            "base": self.base_memory,
+            "peak": peak_memory(self.device),
+        }
+
+    def placement_line(self) -> str:
+        """The placement in one line, for the log."""
+        placed = self._placement()
+        weights = ", ".join(f"{t} {n / 2**20:.0f} MiB" for t, n in placed["weights"].items() if n)
+        kv = ", ".join(f"{t} {n}" for t, n in placed["kv_layers"].items() if n)
+        budget = placed["budget"]
+        limit = (
+            f"; budget {budget['budget'] / 2**20:.0f} MiB, KV caches {budget['kv'] / 2**20:.0f} MiB"
+            if budget
+            else ""
+        )
+        return f"weights {weights}; KV-cache layers {kv}{limit}"
+
+    def _memory_counts(self) -> list[int]:
+        placed = self._placement()
+        weights, kv = placed["weights"], placed["kv_layers"]
+        tiers = ("device", "cpu", "disk")
+        budget = self.memory.budget if self.memory else 0
+        return [*(weights.get(t, 0) for t in tiers), *(kv.get(t, 0) for t in tiers), budget, placed["peak"]]
 
     # ---- what requests share ---------------------------------------------------------------------
     def view(self, header: dict[str, Any]) -> BlockSpan:

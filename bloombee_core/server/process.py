@@ -17,6 +17,14 @@ from bloombee_core.about import version
 from bloombee_core.dtypes import torch_dtype
 from bloombee_core.errors import ConfigError
 from bloombee_core.registry import PluginSet
+from bloombee_core.server.budget import (
+    MemoryPlan,
+    current_rss,
+    kv_bytes_per_token,
+    peak_memory,
+    plan_memory,
+    return_freed_memory,
+)
 from bloombee_core.server.checks import Limits
 from bloombee_core.server.lifecycle import Server
 from bloombee_core.server.rebalance import Rebalancer
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from bloombee_core.model import BlockSpan
 
 logger = logging.getLogger(__name__)
+DEFAULT_CACHE_FLOOR = 64 << 20
 
 
 def resolve(model: str) -> Path:
@@ -38,9 +47,20 @@ def resolve(model: str) -> Path:
     return resolve_model(model)
 
 
-def default_cache_budget(span: BlockSpan, dtype: torch.dtype) -> int:
+def cache_budget(configured: int | None, memory: MemoryPlan | None, span: BlockSpan) -> int:
     """Without a configured budget: room for 8 sequences of 2048 tokens (at least 64 MiB)."""
-    return max(span.cache_bytes(8, 2048), 64 << 20)
+    if memory is not None:
+        return memory.kv
+    if configured is not None:
+        return configured
+    return max(span.cache_bytes(8, 2048), DEFAULT_CACHE_FLOOR)
+
+
+def used_memory(device: torch.device) -> int:
+    """What the budget already holds before a span loads: the process's RSS, or allocated device memory."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return current_rss()
 
 
 async def start_server(
@@ -48,6 +68,7 @@ async def start_server(
 ) -> Server:
     from bloombee_core.family import span_problem
     from bloombee_core.model import load_config
+    from bloombee_core.model.checkpoint import meta_skeleton, span_weight_bytes
 
     opts = job.server
     path = resolve(job.model.path)
@@ -75,16 +96,41 @@ async def start_server(
         start, end = choose_span(block_throughput(records, num_blocks), length, cuts, own)
         logger.info("chose blocks %d:%d, where the swarm's throughput is lowest", start, end)
     dtype = torch_dtype(opts.dtype or job.model.dtype)
+    device = torch.device(opts.device)
+    limits = limits or Limits()
+    memory: MemoryPlan | None = None
+    if opts.memory_budget is not None and device.type == "cpu":
+        return_freed_memory()
+    meta_skeleton(config)  # imports what loading a span needs, so that the base below includes it
+    base_memory = used_memory(device)  # before any weights: the interpreter and its libraries
+
+    def place(start: int, end: int) -> BlockSpan:
+        # The weights are read layer by layer into CPU memory and placed at once (only the resident
+        # share goes to the device), so the span is never in memory whole unless it stays so.
+        nonlocal memory
+        sizes = span_weight_bytes(family, path, start, end, dtype)
+        total = sum(sizes)
+        placer = offload.placer(device, total)
+        if opts.memory_budget is not None:
+            memory = plan_memory(
+                int(opts.memory_budget),
+                used_memory(device),
+                total,
+                max(sizes, default=0),
+                config,
+                dtype.itemsize,
+                limits.max_tokens,
+                opts.cache_bytes,
+                max(8 * 2048 * kv_bytes_per_token(family, config, start, end, dtype), DEFAULT_CACHE_FLOOR),
+            )
+            placer.limit_device(memory.weights)
+            limits.max_tokens = memory.max_tokens
+        span = family.load_span(path, config, start, end, dtype, "cpu", place=placer.add_unit)
+        placer.finish(span, offload.kv_shares())
+        return span
 
     async def load(start: int, end: int) -> BlockSpan:
-        # With an offload policy the weights are read into CPU memory and the policy places them (only the
-        # resident share goes to the device): a span larger than the device must not be loaded there first.
-        offloading = offload.name != "none"
-        load_on = "cpu" if offloading else opts.device
-        span = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: family.load_span(path, config, start, end, dtype, load_on)
-        )
-        return offload.apply(span, torch.device(opts.device)) if offloading else span
+        return await asyncio.get_running_loop().run_in_executor(None, place, start, end)
 
     span = await load(start, end)
     compressors = plugins.instances_without_options("compressors")
@@ -98,19 +144,31 @@ async def start_server(
         cuts=cuts,
         dtype=dtype,
         device=opts.device,
-        cache_budget=opts.cache_bytes if opts.cache_bytes is not None else default_cache_budget(span, dtype),
+        cache_budget=cache_budget(opts.cache_bytes, memory, span),
         compressors=compressors,
         output_compressor=compressor,
         public_name=opts.public_name or "",
         version=version(),
         limits=limits,
+        memory=memory,
+        base_memory=base_memory,
         ttl=opts.ttl,
         batch_wait_ms=opts.batch_wait_ms,
         max_batch_tokens=opts.max_batch_tokens,
         movable=opts.blocks is None,
         throughput=opts.throughput,
     )
+    logger.info(
+        "placed blocks %d:%d: %s; memory in use %.0f MiB",
+        start,
+        end,
+        server.placement_line(),
+        current_rss() / 2**20,
+    )
     await server.start()
+    logger.info(
+        "serving; memory in use %.0f MiB, peak %.0f MiB", current_rss() / 2**20, peak_memory(device) / 2**20
+    )
     if server.movable and opts.rebalance_every > 0:
         server.run_in_background(Rebalancer(server, load, opts.rebalance_every, num_blocks, cuts).run())
     return server

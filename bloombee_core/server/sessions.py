@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bloombee_core.server.checks import (
+    OpenRequest,
     RequestError,
     check_cache_room,
     check_pending,
@@ -82,6 +83,14 @@ class Session:
     next_step: int = 0
     push_target: tuple[str, str] | None = None
     push_stream: asyncio.Task[FrameStream] | None = None  # connecting / connected stream to the push target
+
+    @property
+    def runs_alone(self) -> bool:
+        """Never batched with other sessions: token trees, or a KV cache partly off the device (a
+        combined cache would bring all of it into memory at once)."""
+        placement = getattr(self.span, "kv_placement", None)
+        return self.trees or (placement is not None and bool(placement.on_cpu or placement.on_disk))
+
     pending: dict[int, Step] = field(default_factory=dict)  # steps that arrived before their turn
     # evidence of where inputs came from: step messages received from the client / pushed by a server
     from_client: int = 0
@@ -103,12 +112,24 @@ class Session:
                 task.cancel()
 
 
+def reserved_bytes(view: BlockSpan, request: OpenRequest, device: torch.device) -> int:
+    """What a session takes from the cache budget: its KV cache in memory the budget counts (the device;
+    CPU memory too on a CPU server), plus two layers' worth of what it keeps further away, which visits
+    that memory one layer at a time (the layer computing and the next, read ahead)."""
+    tiers = view.cache_bytes_by_tier(request.batch, request.max_length, request.trees)
+    near = ("device", "cpu") if device.type == "cpu" else ("device",)
+    placement = view.kv_placement
+    far = [i for i in range(view.start, view.end) if placement is not None and placement.tier(i) not in near]
+    away = sum(n for tier, n in tiers.items() if tier not in near)
+    return sum(tiers[t] for t in near) + (2 * away // len(far) if far else 0)
+
+
 async def serve_session(server: Server, stream: FrameStream, header: dict[str, Any]) -> None:
     """An ``open`` request: reserve the cache, then serve the session until the client closes it."""
     request = open_request(header, server.limits, server.sessions)
     view = server.view(header)
     check_session_count(len(server.sessions), server.limits)
-    need = view.cache_bytes(request.batch, request.max_length, request.trees)
+    need = reserved_bytes(view, request, server.device)
     check_cache_room(request, need, server.cache_used, server.cache_budget)
     server.cache_used += need
     sid = request.session_id
@@ -131,6 +152,7 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
         server.sessions.pop(sid, None)
         server.cache_used -= session.reserved
         session.close_push()
+        cache.close()  # its memory and disk files go now, not when the last reference does
 
 
 async def receive_pushes(

@@ -70,6 +70,9 @@ def weights_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+MEMORY_FIELDS = 8
+
+
 def block_key(model: str, index: int) -> str:
     return f"{model}.block.{index}"
 
@@ -95,6 +98,9 @@ class ServerRecord:
     # and for its busiest links ([peer, the same four]); see bloombee_core.swarm.links
     traffic: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     links: list[list[Any]] = field(default_factory=list)
+    # where it keeps the span: [weight bytes on the device, in CPU memory, on disk, KV-cache layers on the
+    # device, in CPU memory, on disk, memory budget (0: none), peak memory used]; see bloombee_core.offload
+    memory: list[int] = field(default_factory=lambda: [0] * MEMORY_FIELDS)
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -123,6 +129,7 @@ class ServerRecord:
                 row_cost=_row_cost(value.get("row_cost")),
                 traffic=_counts(value.get("traffic")) or [0, 0, 0, 0],
                 links=_links(value.get("links")),
+                memory=_counts(value.get("memory"), MEMORY_FIELDS) or [0] * MEMORY_FIELDS,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -136,9 +143,9 @@ def _row_cost(value: Any) -> float | None:
     return float(value) if 0 <= value <= 10 else None  # NaN fails both comparisons
 
 
-def _counts(value: Any) -> list[int] | None:
-    """Four byte counts, or None where the value is not a list of four non-negative integers."""
-    if not isinstance(value, list) or len(value) != 4:
+def _counts(value: Any, length: int = 4) -> list[int] | None:
+    """``length`` counts, or None where the value is not a list of that many non-negative integers."""
+    if not isinstance(value, list) or len(value) != length:
         return None
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
         return None

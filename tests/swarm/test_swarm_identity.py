@@ -13,7 +13,7 @@ from bloombee_core.model import load_config
 
 from .conftest import FAMILY_CONFIGS
 
-OFFLOAD = json.dumps({"name": "percent", "weights_on_device": 50})
+OFFLOAD = json.dumps({"name": "percent", "weights_on_device": 50, "weights_on_disk": 50})
 
 
 @pytest.fixture(scope="module")
