@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "command": "python -m bench offload " + " ".join(argv or sys.argv[1:]),
+                "command": " ".join(["python -m bench offload", *(sys.argv[1:] if argv is None else argv)]),
                 "model": "smollm2 (30 blocks, bf16), one CPU span",
                 "prompt": args.prompt,
                 "steps": args.steps,

@@ -46,6 +46,7 @@ __all__ = [
 
 # Where the placer records its plan on the span, so servers can report it without the policy object.
 PLAN_ATTRIBUTE = "bloombee_offload_plan"
+UNLIMITED = 1 << 62  # a tier budget with no limit
 
 
 @dataclass
@@ -92,8 +93,8 @@ class OffloadPolicy(Plugin):
 
     def weight_budgets(self, total_bytes: int) -> tuple[int, int]:
         """Of a span's ``total_bytes`` of weights: the bytes that may stay on the device and the bytes
-        that may wait in CPU memory; whatever does not fit goes to disk."""
-        return total_bytes, 0
+        that may wait in CPU memory (``UNLIMITED``: any); whatever does not fit goes to disk."""
+        return total_bytes, UNLIMITED
 
     def kv_shares(self) -> tuple[int, int]:
         """Percent of the span's KV-cache layers kept on the device and on disk (the rest in CPU memory)."""
@@ -179,6 +180,7 @@ class SpanPlacer:
         if self.device.type == "cpu":  # CPU memory is the device: one tier
             device_budget, cpu_budget = device_budget + cpu_budget, 0
         self.left = {"device": max(device_budget, 0), "cpu": max(cpu_budget, 0)}
+        self.all_in_memory = cpu_budget >= UNLIMITED or device_budget >= UNLIMITED
         self.base = directory
         self.prefetch = prefetch
         self.plan = OffloadPlan(device=self.device)
@@ -192,7 +194,9 @@ class SpanPlacer:
         if excess > 0:
             self.left["device"] -= excess
             if self.device.type != "cpu":
-                self.left["cpu"] += excess
+                # all of it, whichever parameters the device budget ends up holding; none to disk
+                # unless the policy itself asked for some
+                self.left["cpu"] = UNLIMITED if self.all_in_memory else self.left["cpu"] + excess
 
     def _tier(self, size: int) -> str:
         for tier in ("device", "cpu"):

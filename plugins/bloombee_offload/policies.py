@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from bloombee_core.offload import OffloadPolicy
+from bloombee_core.offload import UNLIMITED, OffloadPolicy
 from bloombee_core.plugin import PluginOptions
 
 
@@ -67,7 +67,7 @@ class PercentOffload(OffloadPolicy):
     def weight_budgets(self, total_bytes: int) -> tuple[int, int]:
         device = total_bytes * self.options.weights_on_device // 100
         if not self.options.weights_on_disk:
-            return device, total_bytes  # whatever the device does not hold waits in CPU memory
+            return device, UNLIMITED  # whatever the device does not hold waits in CPU memory
         return device, total_bytes - device - total_bytes * self.options.weights_on_disk // 100
 
     def kv_shares(self) -> tuple[int, int]:
