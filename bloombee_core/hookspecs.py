@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from bloombee_core.family import ModelFamily
     from bloombee_core.offload import OffloadPolicy
     from bloombee_core.transport import Transport
+    from bloombee_core.tuning import TuningMethod
 
 PROJECT = "bloombee"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -89,4 +90,15 @@ def bloombee_register_drafters() -> list[type[Drafter]]:
     :return: classes derived from :class:`bloombee_core.drafting.Drafter`.
 
     .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bloombee_register_tuning_methods() -> list[type[TuningMethod]]:
+    """Contribute tuning methods: what a client trains while the servers' blocks stay frozen (prompts,
+    deep prompts, heads, client-owned LoRA adapters), and what of it travels with remote requests.
+
+    :return: classes derived from :class:`bloombee_core.tuning.TuningMethod`.
+
+    .. versionadded:: 0.3
     """

@@ -76,6 +76,12 @@ KINDS: dict[str, Kind] = {
             "decoding strategy",
         ),
         Kind("drafters", "bloombee_register_drafters", "bloombee_core.drafting:Drafter", "drafter"),
+        Kind(
+            "tuning_methods",
+            "bloombee_register_tuning_methods",
+            "bloombee_core.tuning:TuningMethod",
+            "tuning method",
+        ),
     )
 }
 

@@ -23,7 +23,6 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bloombee_core.client import forward_backward
 from bloombee_core.client.membership import SwarmMembership
 from bloombee_core.client.pipeline import (
     PipelineStats,
@@ -32,17 +31,20 @@ from bloombee_core.client.pipeline import (
     generate_micro_batches,
     micro_batch_size,
 )
+from bloombee_core.client.remote_blocks import remote_blocks
 from bloombee_core.client.sessions import InferenceSession
 from bloombee_core.client.swarm_client import SwarmClient, swarm_client_for
+from bloombee_core.client.tunable import Tunable
 from bloombee_core.compression import Compressor
 
 if TYPE_CHECKING:
-    from torch.autograd.function import FunctionCtx
+    from torch import nn
 
     from bloombee_core.model import ClientPart
     from bloombee_core.registry import PluginSet
     from bloombee_core.swarm.routing import Hop
     from bloombee_core.transport import Transport
+    from bloombee_core.tuning import TuningMethod
 
 
 class RemoteCache(Cache):
@@ -88,6 +90,8 @@ class InferenceSessionHandle:
     ) -> None:
         self.model = model
         self.inner = InferenceSession(model.swarm, max_length, trees, model.prefill_chunk, group)
+        remote = model.tuning_method.remote(1) if model.tuning_method is not None else None
+        self.inner.adapter = remote.adapter if remote is not None else None  # generation with a trained LoRA
         self.inner.on_chunks = model.pipeline_stats.chunks
         self.speculation: dict[str, Any] = {}  # what speculative decoding achieved in this session
 
@@ -142,43 +146,7 @@ class InferenceSessionHandle:
         self.model.loop.soon(self.inner.close)  # its streams belong to the loop's thread
 
 
-class _RemoteBlocks(torch.autograd.Function):
-    """Stateless forward through the swarm, with backward computed by the servers.
-
-    ``per_layer`` are the family's per-layer inputs (Gemma 4), in ``names`` order; they get gradients too.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        model: DistributedModelForCausalLM,
-        position_ids: torch.Tensor,
-        mask: torch.Tensor | None,
-        names: tuple[str, ...],
-        hidden: torch.Tensor,
-        *per_layer: torch.Tensor,
-    ) -> torch.Tensor:
-        given = {n: t.detach() for n, t in zip(names, per_layer, strict=True)}
-        out, pieces = model.loop.run(
-            forward_backward.forward(model.swarm, hidden.detach(), position_ids, mask, given)
-        )
-        ctx.model, ctx.pieces, ctx.names = model, pieces, names
-        ctx.position_ids, ctx.mask, ctx.per_layer = position_ids, mask, given
-        return out.to(hidden.dtype)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        model = ctx.model
-        grad_in, per_layer_grads = model.loop.run(
-            forward_backward.backward(
-                model.swarm, ctx.pieces, grad.contiguous(), ctx.position_ids, ctx.mask, ctx.per_layer
-            )
-        )
-        per_layer_out = tuple(per_layer_grads[n].to(ctx.per_layer[n].dtype) for n in ctx.names)
-        return (None, None, None, None, grad_in.to(grad.dtype), *per_layer_out)
-
-
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(Tunable, PreTrainedModel, GenerationMixin):
     config_class = PretrainedConfig
     base_model_prefix = "client"
     main_input_name = "input_ids"
@@ -211,6 +179,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._membership = membership
         self._session: InferenceSessionHandle | None = None
         self.pipeline_stats = PipelineStats()
+        self.tuning_method: TuningMethod | None = None  # what the client trains (model.tune)
+        self.tuning_module: nn.Module | None = None
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.client.model.get_input_embeddings()
@@ -296,9 +266,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         else:  # what the transformers model does to given embeddings (BLOOM: its embedding LayerNorm)
             hidden = self.client.hidden_from_embeds(inputs_embeds)
         per_layer = self.client.per_layer_inputs(input_ids, hidden)  # Gemma 4 per-layer inputs; usually none
-        batch, length = hidden.shape[:2]
         session = cache.session if isinstance(cache, RemoteCache) else self._session
         past = session.position if session is not None else 0
+        tuning, tuning_remote = self.tuning_method, None
+        if tuning is not None and past == 0:  # prompt tuning: its prompts go first
+            hidden, attention_mask, labels, position_ids = tuning.prepare_inputs(
+                hidden, attention_mask, labels, position_ids
+            )
+        if tuning is not None and session is None:
+            tuning_remote = tuning.remote(hidden.shape[0])
+        batch, length = hidden.shape[:2]
         if position_ids is None:
             # what the transformers model does without explicit positions (generate always passes them)
             position_ids = torch.arange(past, past + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
@@ -317,8 +294,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 detached = {name: t.detach() for name, t in per_layer.items()}
                 out = session.step(hidden.detach(), position_ids, mask, detached).to(hidden.dtype)
         else:
-            names = tuple(per_layer)
-            out = _RemoteBlocks.apply(self, position_ids, mask, names, hidden, *per_layer.values())
+            out = remote_blocks(self, position_ids, mask, hidden, per_layer, tuning_remote)
+        if tuning is not None:
+            own = tuning.head(out, attention_mask)  # a classifier's logits
+            if own is not None:
+                loss = tuning.loss(own, labels) if labels is not None else None
+                return CausalLMOutputWithPast(loss=loss, logits=own)
+            out = tuning.strip_outputs(out) if past == 0 else out  # the caller's own tokens only
         if isinstance(logits_to_keep, int):
             kept = out[:, -logits_to_keep:, :] if logits_to_keep else out
         else:
@@ -331,7 +313,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def close(self) -> None:
-        """Leave the swarm (stops this client's DHT node and its p2pd)."""
+        """Release what servers hold for this client (adapters) and leave the swarm (stops this client's
+        DHT node and its p2pd)."""
+        if self.tuning_method is not None:
+            self.tuning_method.close(self)
         self._membership.close()
 
 
@@ -352,8 +337,12 @@ class AutoDistributedModelForCausalLM:
         max_retries: int = 6,
         micro_batch: Size = "auto",
         prefill_chunk: Size = "auto",
+        tuning: str | dict[str, Any] | None = None,
+        adapter: str | Path | None = None,
         **_: Any,
     ) -> DistributedModelForCausalLM:
+        """``tuning``: attach a tuning method (``model.tune``); ``adapter``: a folder of trained parameters
+        (a peft adapter folder): its method is read from the folder unless ``tuning`` names it."""
         from bloombee_core.dtypes import torch_dtype
         from bloombee_core.model import load_config
         from bloombee_core.model_files import resolve_model
@@ -368,13 +357,13 @@ class AutoDistributedModelForCausalLM:
         folder = resolve_model(str(path))
         config = load_config(folder)
         plugins = plugins if plugins is not None else load_plugins()
-        adapter = plugins.family_for(config, family)
-        client_part = adapter.load_client(folder, config, dtype)
+        family_adapter = plugins.family_for(config, family)
+        client_part = family_adapter.load_client(folder, config, dtype)
         transport = transport if transport is not None else plugins.create("transports", "hivemind")
         membership = SwarmMembership.join(transport, initial_peers)
         try:
             swarm = swarm_client_for(
-                config, folder, adapter, transport, plugins, compressor, timeout, max_retries
+                config, folder, family_adapter, transport, plugins, compressor, timeout, max_retries
             )
             model = DistributedModelForCausalLM(
                 copy.deepcopy(config), client_part, swarm, membership, folder, plugins
@@ -390,4 +379,8 @@ class AutoDistributedModelForCausalLM:
             model.generation_config = GenerationConfig.from_pretrained(folder)
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(model.config)
+        if tuning is not None or adapter is not None:
+            from bloombee_core.tuning import method_of_folder
+
+            model.tune(tuning if tuning is not None else method_of_folder(Path(adapter)), adapter)
         return model.eval()

@@ -28,6 +28,7 @@ from bloombee_core.swarm.wire import ProtocolError
 from bloombee_core.transport import FrameStream
 
 if TYPE_CHECKING:
+    from bloombee_core.client.remote_tuning import ClientAdapter
     from bloombee_core.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,11 @@ class HopSession:
         push: PushRef | None,
         trees: bool = False,
         group: str | None = None,
+        adapter: ClientAdapter | None = None,
     ) -> None:
         self.link = client.links.session(self.hop.peer)
+        if adapter is not None:
+            await adapter.ensure(client, self.hop)  # the session's steps apply the client's LoRA
         self.stream = await client.transport.connect(self.hop.peer, wire.PROTOCOL)
         header = {
             "type": "open",
@@ -75,6 +79,8 @@ class HopSession:
         }
         if trees:
             header["trees"] = True
+        if adapter is not None:
+            header["adapter"] = adapter.reference()
         if group is not None:
             header["group"] = group  # micro-batches of one generate: servers do not batch them together
         # No round trip of its own: the first step follows at once, and the open's reply (an error if
@@ -181,6 +187,7 @@ class InferenceSession:
         self.position = 0  # tokens the servers' caches hold
         self.last_tokens = 0  # tokens of the last step (what a keep picks from)
         self.closed = False
+        self.adapter: ClientAdapter | None = None  # a client-owned LoRA every server applies
 
     @property
     def route(self) -> list[Hop]:
@@ -191,7 +198,7 @@ class InferenceSession:
         pushes = [h.push_ref() for h in hops[1:]] + [after.push_ref() if after else None]
         opened = await asyncio.gather(
             *(
-                h.open(self.client, self.batch, self.max_length, p, self.trees, self.group)
+                h.open(self.client, self.batch, self.max_length, p, self.trees, self.group, self.adapter)
                 for h, p in zip(hops, pushes, strict=True)
             ),
             return_exceptions=True,

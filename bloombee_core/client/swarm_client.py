@@ -105,9 +105,12 @@ class SwarmClient:
         """A fresh count of attempts for one call, banning failing servers with :meth:`fail`."""
         return Retries(self.max_retries, self.fail)
 
-    async def call(self, hop: Hop, kind: str, tensors: Tensors) -> Tensors:
-        """One stateless request (``forward`` or ``backward``) for blocks ``hop.start:hop.end``."""
-        header = {"type": kind, "start": hop.start, "end": hop.end}
+    async def call(
+        self, hop: Hop, kind: str, tensors: Tensors, extra: dict[str, Any] | None = None
+    ) -> Tensors:
+        """One stateless request (``forward`` or ``backward``) for blocks ``hop.start:hop.end``; ``extra``:
+        more header fields (a tuning method's adapter reference)."""
+        header = {"type": kind, "start": hop.start, "end": hop.end, **(extra or {})}
         link = self.links.get(hop.peer)
         _, out = await call(
             self.transport, hop.peer, header, tensors, self.compressor, self.decoders, self.timeout, link

@@ -175,10 +175,12 @@ class BlockSpan(nn.Module):
         cache: SpanCache | None = None,
         per_layer_inputs: dict[str, torch.Tensor] | None = None,
         tree: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the span. ``tree`` [batch, tokens] makes the new tokens a token tree (each one's parent
         index, ``-1`` for the cached prefix; see :mod:`bloombee_core.model.tree`); a cache made for trees
-        treats every step that way (a plain step is a chain)."""
+        treats every step that way (a plain step is a chain). ``prompts`` [batch or 1, blocks, prefix,
+        hidden] (deep prompt tuning) is added to the first ``prefix`` positions before each block."""
         batch, length = hidden.shape[:2]
         past = cache.length if cache is not None else 0
         check_span_inputs(self, hidden, position_ids, attention_mask, cache, past)
@@ -193,8 +195,12 @@ class BlockSpan(nn.Module):
             attention = tree_attention(position_ids, attention_mask, tree, past)
         context = self.family.layer_context(self, hidden, position_ids, attention_mask, kv, attention)
         context.per_layer = per_layer_inputs
+        prefix = check_prompts(self, hidden, prompts)
         try:
             for index, layer in zip(range(self.start, self.end), self.layers, strict=True):
+                if prefix:
+                    deep = prompts[:, index - self.start].to(hidden.dtype)
+                    hidden = torch.cat([hidden[:, :prefix] + deep, hidden[:, prefix:]], dim=1)
                 hidden = self.family.run_layer(self, layer, index, hidden, context, kv)
         finally:
             if cache is not None:
@@ -202,6 +208,25 @@ class BlockSpan(nn.Module):
         if cache is not None:
             cache.length += length
         return hidden
+
+
+def check_prompts(span: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None) -> int:
+    """The deep-prompt prefix length (0: none); raises ValueError for prompts that do not fit."""
+    if prompts is None:
+        return 0
+    batch, length, width = hidden.shape
+    blocks = span.end - span.start
+    if (
+        prompts.ndim != 4
+        or prompts.shape[0] not in (1, batch)
+        or prompts.shape[1] != blocks
+        or not 1 <= prompts.shape[2] <= length
+        or prompts.shape[3] != width
+    ):
+        raise ValueError(
+            f"prompts must be [{batch} or 1, {blocks}, prefix <= {length}, {width}], got {list(prompts.shape)}"
+        )
+    return int(prompts.shape[2])
 
 
 def check_span_inputs(

@@ -93,6 +93,7 @@ class StepBatcher:
                 session.span,
                 session.cache,
                 tensors,
+                session.adapter,
                 alone=self._nobody_else(session),
             )
         _check(session, tensors, self.compute.per_layer_sizes)

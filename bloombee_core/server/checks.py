@@ -94,7 +94,7 @@ class SpanChecks:
         """Check the tensor descriptions of a ``kind`` request for blocks ``view`` before any payload is read."""
         by_name = {m.name: m for m in metas}
         required = (*REQUIRED[kind], *self.per_layer_sizes)
-        allowed = set(required) | {"attention_mask"} | (set(TREE_TENSORS) if kind == "step" else set())
+        allowed = set(required) | {"attention_mask"} | (set(TREE_TENSORS) if kind == "step" else {"prompts"})
         if set(by_name) - allowed or len(by_name) != len(metas):
             raise RequestError(f"unexpected tensors {sorted(by_name)}; expected {sorted(allowed)}")
         for name in required:
@@ -118,6 +118,22 @@ class SpanChecks:
         for name in ("grad", "output"):
             if name in by_name and by_name[name].shape != hidden.shape:
                 raise RequestError(f"{name} must have the shape of hidden {list(hidden.shape)}")
+        prompts = by_name.get("prompts")
+        if prompts is not None:
+            blocks = view.end - view.start
+            shape = prompts.shape
+            if (
+                not prompts.dtype.is_floating_point
+                or len(shape) != 4
+                or shape[0] not in (1, b)
+                or shape[1] != blocks
+                or not 1 <= shape[2] <= t
+                or shape[3] != self.hidden_size
+            ):
+                raise RequestError(
+                    f"prompts must be floating point [{b} or 1, {blocks}, prefix <= {t}, {self.hidden_size}], "
+                    f"got {prompts.dtype} {list(shape)}"
+                )
         pos = by_name["position_ids"]
         if pos.dtype != torch.int64 or pos.shape != (b, t):
             raise RequestError(f"position_ids must be int64 [{b}, {t}], got {pos.dtype} {list(pos.shape)}")

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from bloombee_core.model.lora import LoraWeights, applied
+
 if TYPE_CHECKING:
     from bloombee_core.model import BlockSpan, SpanCache
     from bloombee_core.model.batch import BatchItem
@@ -34,25 +36,58 @@ class SpanCompute:
     def __init__(self, device: torch.device, dtype: torch.dtype, per_layer_sizes: dict[str, int]) -> None:
         self.device, self.dtype, self.per_layer_sizes = device, dtype, per_layer_sizes
 
-    def forward(self, view: BlockSpan, t: Tensors) -> Tensors:
-        return {"hidden": self._infer(view, None, t)}
+    def forward(self, view: BlockSpan, t: Tensors, adapter: LoraWeights | None = None) -> Tensors:
+        with applied(view, adapter):
+            return {"hidden": self._infer(view, None, t)}
 
-    def backward(self, view: BlockSpan, t: Tensors) -> Tensors:
+    def backward(self, view: BlockSpan, t: Tensors, adapter: LoraWeights | None = None) -> Tensors:
+        """Gradients w.r.t. the input hidden states (``grad``), the per-layer inputs (``grad.<name>``),
+        deep prompts (``grad.prompts``) and, in the order of ``adapter.tensors()``, the LoRA matrices
+        (returned as ``lora``: a list with None where a module took no part)."""
         with torch.enable_grad():
             hidden = t["hidden"].to(self.device, self.dtype).requires_grad_(True)
             per_layer = {k: v.requires_grad_(True) for k, v in self._per_layer(view, t).items()}
+            prompts = t.get("prompts")
+            prompts = (
+                prompts.to(self.device, self.dtype).requires_grad_(True) if prompts is not None else None
+            )
+            weights = adapter.trainable() if adapter is not None else None
             pos, mask = t["position_ids"].to(self.device), _on(t.get("attention_mask"), self.device)
-            out = view(hidden, position_ids=pos, attention_mask=mask, per_layer_inputs=per_layer)
+            with applied(view, weights):
+                out = view(
+                    hidden, position_ids=pos, attention_mask=mask, per_layer_inputs=per_layer, prompts=prompts
+                )
+            extra = [prompts] if prompts is not None else []
+            lora = weights.tensors() if weights is not None else []
             grads = torch.autograd.grad(
-                out, [hidden, *per_layer.values()], t["grad"].to(out.device, out.dtype)
+                out,
+                [hidden, *per_layer.values(), *extra, *lora],
+                t["grad"].to(out.device, out.dtype),
+                allow_unused=True,
             )
         # gradients w.r.t. the per-layer inputs this span used (its own layers), named "grad.<name>"
-        names = ["grad", *(f"grad.{k}" for k in per_layer)]
-        return {n: g.to("cpu", t["hidden"].dtype) for n, g in zip(names, grads, strict=True)}
+        names = [
+            "grad",
+            *(f"grad.{k}" for k in per_layer),
+            *(["grad.prompts"] if prompts is not None else []),
+        ]
+        dtype = t["hidden"].dtype
+        out_grads = {
+            n: (g if g is not None else torch.zeros_like(x)).to("cpu", dtype)
+            for n, g, x in zip(names, grads, [hidden, *per_layer.values(), *extra], strict=False)
+        }
+        if lora:
+            out_grads["lora"] = [
+                g.to("cpu", torch.float32) if g is not None else None for g in grads[len(names) :]
+            ]
+        return out_grads
 
-    def step(self, view: BlockSpan, cache: SpanCache, t: Tensors) -> torch.Tensor:
+    def step(
+        self, view: BlockSpan, cache: SpanCache, t: Tensors, adapter: LoraWeights | None = None
+    ) -> torch.Tensor:
         """One inference step: the new tokens' outputs; ``cache`` grows by their keys and values."""
-        return self._infer(view, cache, t)
+        with applied(view, adapter):
+            return self._infer(view, cache, t)
 
     def step_batch(self, view: BlockSpan, steps: list[tuple[SpanCache, Tensors]]) -> list[torch.Tensor]:
         """Several sessions' steps in one forward (:mod:`bloombee_core.model.batch`); each one's outputs."""
@@ -80,6 +115,7 @@ class SpanCompute:
                 cache=cache,
                 per_layer_inputs=self._per_layer(view, t),
                 tree=_on(t.get("tree"), self.device),
+                prompts=_on(t.get("prompts"), self.device),
             )
         return out.to("cpu", hidden.dtype)
 

@@ -8,6 +8,8 @@ A stream starts with a request header whose ``type`` decides what the stream is:
   The KV cache lives as long as the stream; the session reserves its worst-case cache size from the
   server's budget when it opens (no room: a ``busy`` error, never an out-of-memory crash).
 * ``push``: another server delivering a step's input for one of our sessions (server->server push).
+* ``adapter``: a client's LoRA adapter, put or dropped (:mod:`bloombee_core.server.adapters`); forward,
+  backward and open requests may then name it, and forward / backward may carry deep prompts.
 
 Every size, shape and dtype is checked against the session and the server's limits before a payload is
 read (:mod:`bloombee_core.server.checks`). A bad request gets an error reply naming what was wrong,
@@ -20,6 +22,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from bloombee_core.server.adapters import lora_gradients, serve_adapter
 from bloombee_core.server.checks import RequestError
 from bloombee_core.server.compute import BULK
 from bloombee_core.server.sessions import receive_pushes, serve_session
@@ -56,9 +59,11 @@ async def handle(server: Server, stream: FrameStream) -> None:
             elif kind == "push":
                 await receive_pushes(server, stream, header, metas)
                 return
+            elif kind == "adapter":
+                await serve_adapter(server, stream, header, metas)
             else:
                 raise RequestError(
-                    f"unknown request type {kind!r}; expected info, forward, backward, open or push"
+                    f"unknown request type {kind!r}; expected info, forward, backward, open, push or adapter"
                 )
     except (ProtocolError, RequestError) as exc:
         code = getattr(exc, "code", "bad_request")
@@ -76,9 +81,15 @@ async def _stateless(
 ) -> None:
     """A ``forward`` or ``backward`` request: no cache, the reply carries the outputs or the gradients."""
     view = server.view(header)
+    stored = server.adapters.get(stream.peer, header.get("adapter"))
     tensors = await server.read_inputs(stream, metas, kind, view)
     run = server.compute.forward if kind == "forward" else server.compute.backward
-    outputs = await server.compute_thread.run(run, view, tensors, priority=BULK)  # behind inference steps
+    adapter = stored.weights if stored is not None else None
+    # behind inference steps on the compute thread
+    outputs = await server.compute_thread.run(run, view, tensors, adapter, priority=BULK)
+    if "lora" in outputs:
+        assert adapter is not None and stored is not None
+        outputs.update(lora_gradients(stored, adapter, outputs.pop("lora")))
     await wire.send(stream, {"ok": True}, outputs, server.output_compressor, server.links.get(stream.peer))
 
 

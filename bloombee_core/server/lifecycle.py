@@ -19,6 +19,7 @@ import torch
 
 from bloombee_core.compression import RAW, Compressor
 from bloombee_core.server import dispatch
+from bloombee_core.server.adapters import AdapterStore
 from bloombee_core.server.batching import StepBatcher
 from bloombee_core.server.budget import MemoryPlan, peak_memory
 from bloombee_core.server.checks import Limits, SpanChecks, check_values
@@ -77,6 +78,7 @@ class Server:
         self.links = Links()  # bytes and measured speed per peer (auto compression decides with it)
         self.public_name, self.version = public_name, version
         self.limits = limits or Limits()
+        self.adapters = AdapterStore()  # clients' LoRA adapters, while their sessions last
         self.memory = memory  # the split of a memory budget, if the server has one
         self.base_memory = base_memory  # memory in use before the span loaded
         self.ttl = ttl
@@ -171,6 +173,7 @@ class Server:
             "sessions": len(self.sessions),
             "resident_fraction": self._resident_fraction(),
             "placement": self._placement(),
+            "adapters": {"held": len(self.adapters.adapters), "bytes": self.adapters.nbytes()},
             "batching": self.batcher.stats(),
             "traffic": self.links.as_dict(8),
             "movable": self.movable,

@@ -34,6 +34,7 @@ from bloombee_core.transport import FrameStream, Transport
 
 if TYPE_CHECKING:
     from bloombee_core.model import BlockSpan, SpanCache
+    from bloombee_core.model.lora import LoraWeights
     from bloombee_core.server.lifecycle import Server
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,15 @@ class Session:
     next_step: int = 0
     push_target: tuple[str, str] | None = None
     push_stream: asyncio.Task[FrameStream] | None = None  # connecting / connected stream to the push target
+    adapter: LoraWeights | None = None  # the client's LoRA adapter, applied to every step
 
     @property
     def runs_alone(self) -> bool:
-        """Never batched with other sessions: token trees, or a KV cache partly off the device (a
-        combined cache would bring all of it into memory at once)."""
+        """Never batched with other sessions: token trees, a client's own adapter, or a KV cache partly
+        off the device (a combined cache would bring all of it into memory at once)."""
         placement = getattr(self.span, "kv_placement", None)
-        return self.trees or (placement is not None and bool(placement.on_cpu or placement.on_disk))
+        tiered = placement is not None and bool(placement.on_cpu or placement.on_disk)
+        return self.trees or self.adapter is not None or tiered
 
     pending: dict[int, Step] = field(default_factory=dict)  # steps that arrived before their turn
     # evidence of where inputs came from: step messages received from the client / pushed by a server
@@ -128,6 +131,7 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     """An ``open`` request: reserve the cache, then serve the session until the client closes it."""
     request = open_request(header, server.limits, server.sessions)
     view = server.view(header)
+    stored = server.adapters.get(stream.peer, header.get("adapter"))
     check_session_count(len(server.sessions), server.limits)
     need = reserved_bytes(view, request, server.device)
     check_cache_room(request, need, server.cache_used, server.cache_budget)
@@ -135,6 +139,7 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     sid = request.session_id
     cache = view.new_cache(request.batch, request.max_length, request.trees)
     session = Session(sid, view, cache, request.batch, request.max_length, need, request.trees, request.group)
+    session.adapter = stored.weights if stored is not None else None
     server.sessions[sid] = session
     reader: asyncio.Task | None = None
     try:
