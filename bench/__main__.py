@@ -6,6 +6,7 @@ Results of a partial run replace only their own rows in the JSON file and the ta
 ``python -m bench speculative ...`` runs the speculative-decoding benchmark instead (bench/speculative.py),
 ``python -m bench pipeline ...`` the micro-batch pipeline and chunked prefill on vs off (bench/pipeline.py),
 ``python -m bench concurrent ...`` concurrent clients through one server, batching on vs off (bench/concurrent.py),
+``python -m bench finetune ...`` a fine-tuning step (LoRA, deep prompts) through the swarm beside its floor (bench/finetune.py),
 ``python -m bench offload ...`` prefill and decode with weights and KV cache offloaded to disk (bench/offload.py),
 ``python -m bench links ...`` auto compression against none on capped links (bench/links.py),
 ``python -m bench defaults ...`` batch-1 decode with a user's defaults beside the tuned setup (bench/defaults.py).
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import defaults
 
         return defaults.main(argv[1:])
+    if argv[:1] == ["finetune"]:
+        from bench import finetune
+
+        return finetune.main(argv[1:])
     if argv[:1] == ["offload"]:
         from bench import offload
 
