@@ -259,3 +259,33 @@ def test_bad_adapters_are_refused_before_allocation(swarm, family_servers, raw_c
         reply = loop.run(_exchange(transport, peer, frames))
         assert reply.get("ok") is False, name
         assert expected in reply["error"], f"{name}: {reply['error']}"
+
+
+def test_classifier_head_gradients_match_local_autograd(swarm, tiny_models, family_servers):
+    family_servers["llama"]
+    folder = tiny_models["llama"]
+    ids = torch.randint(1, 128, (3, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row: its last real token is still the last position
+    mask[2, 3:] = 0  # a right-padded row: its last real token is position 2
+    labels = torch.tensor([0, 2, 1])
+    model = AutoDistributedModelForCausalLM.from_pretrained(folder, swarm.peers)
+    try:
+        module = model.tune({"name": "classifier", "num_labels": 3})
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        seen = {}
+        ref.model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("hidden", args[0]))
+        ref(input_ids=ids, attention_mask=mask)
+        head = torch.nn.Linear(ref.config.hidden_size, 3)
+        head.load_state_dict(module.score.state_dict())
+        last = torch.tensor([4, 4, 2])
+        logits = head(seen["hidden"][torch.arange(3), last])
+        want = torch.nn.functional.cross_entropy(logits, labels)
+        want.backward()
+        torch.testing.assert_close(out.logits, logits.detach(), **TOL)
+        torch.testing.assert_close(module.score.weight.grad, head.weight.grad, **TOL)
+        torch.testing.assert_close(module.score.bias.grad, head.bias.grad, **TOL)
+    finally:
+        model.close()
