@@ -209,10 +209,25 @@ class ClientSettings(_Section):
 
 
 class JobSettings(_Section):
-    kind: Literal["generate", "none"] = Field("none", description="What the client does once servers serve.")
-    prompt: str = Field("Explain DHTs in one sentence.", description="The prompt of a generate job.")
+    kind: Literal["generate", "finetune", "none"] = Field(
+        "none", description="What the client does: generate, finetune, none."
+    )
+    prompt: str = Field("Explain DHTs in one sentence.", description="What the job generates from.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens to generate at most.")
     chat: bool = Field(True, description="Wrap the prompt in the tokenizer's chat template when it has one.")
+
+
+class FinetuneSettings(_Section):
+    """A finetune job: train a tuning method on a text file through the swarm, save it, compare replies."""
+
+    data: Path | None = Field(None, description="Plain-text file to train on (relative: to the cwd).")
+    steps: int = Field(30, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per step.")
+    seq_len: int = Field(64, ge=2, description="Tokens per sequence (the text is cut into pieces this long).")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
+    tuning: PluginChoice = choice("lora", description="Tuning method: lora, prompt, deep-prompt ...")
+    output: Path = Field(Path("finetuned"), description="Folder the trained parameters are saved to.")
+    seed: int = Field(0, description="Seed of the batches' order (and of torch, for the method's init).")
 
 
 class PluginsSettings(_Section):
@@ -245,6 +260,7 @@ class ClientJob(_Section):
     network: NetworkSettings = Field(default_factory=NetworkSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
     job: JobSettings = Field(default_factory=JobSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
 
@@ -258,6 +274,7 @@ class Settings(BaseSettings):
     server: list[ServerSettings] = Field(default_factory=list)
     client: ClientSettings = Field(default_factory=ClientSettings)
     job: JobSettings = Field(default_factory=JobSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
     @classmethod
@@ -342,6 +359,7 @@ CHOICE_KINDS = {
     "decoding": "decoding_strategies",
     "offload": "offload_policies",
     "drafter": "drafters",  # inside the speculative strategy's options
+    "tuning": "tuning_methods",
 }
 
 

@@ -118,7 +118,7 @@ class Stack:
         self.peers: list[str] = list(settings.network.initial_peers)
         self._logs = tempfile.TemporaryDirectory(prefix="bloombee-stack-")
         # compute-heavy processes on this machine: the servers and the client job
-        self.threads = thread_share(len(settings.server) + (settings.job.kind == "generate"))
+        self.threads = thread_share(len(settings.server) + (settings.job.kind != "none"))
         self.log_dir = Path(self._logs.name)
         # Children run in their own process groups, so nothing else would stop them if the program that
         # built this stack ends without closing it: close it at exit (unregistered by close()).
@@ -187,14 +187,16 @@ class Stack:
         )
 
     def run(self) -> int:
-        self.start()
         job = self.settings.job
-        if job.kind == "generate":
-            from bloombee_core.roles import run_generate
+        if job.kind == "finetune":  # a missing text file fails before the servers load
+            from bloombee_core.finetune import check_data
 
+            check_data(self.settings.finetune)
+        self.start()
+        if job.kind != "none":
             if not self.peers:
                 raise StackError(
-                    "the generate job needs a swarm: set network.bootstrap or network.initial_peers"
+                    f"the {job.kind} job needs a swarm: set network.bootstrap or network.initial_peers"
                 )
             network = self.settings.network.model_copy(update={"initial_peers": self.peers})
             client_job = ClientJob(
@@ -202,9 +204,17 @@ class Stack:
                 network=network,
                 client=self.settings.client,
                 job=job,
+                finetune=self.settings.finetune,
                 plugins=self.settings.plugins,
             )
-            run_generate(client_job, self.plugins, threads=self.threads)
+            if job.kind == "finetune":
+                from bloombee_core.finetune import run_finetune
+
+                run_finetune(client_job, self.plugins, threads=self.threads)
+            else:
+                from bloombee_core.roles import run_generate
+
+                run_generate(client_job, self.plugins, threads=self.threads)
             return 0
         if self.children:
             _say("serving; press Ctrl-C to stop")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from bloombee_core.client.remote_tuning import RemoteTuning
 
-__all__ = ["TuningMethod", "method_of_folder"]
+__all__ = ["TuningMethod", "choice_of_folder", "method_of_folder"]
 
 # peft's adapter types -> the tuning method that reads them; BloomBee's own methods write "bloombee_method"
 PEFT_TYPES = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
@@ -52,6 +52,15 @@ def method_of_folder(folder: Path) -> str:
     return str(name)
 
 
+def choice_of_folder(plugins: Any, folder: Path) -> dict[str, Any]:
+    """``{"name": ..., **options}`` of the method that saved ``folder``, with the options it was saved with."""
+    import json
+
+    name = method_of_folder(folder)
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return {"name": name, **plugins.get("tuning_methods", name).options_of_config(config)}
+
+
 class TuningMethod(Plugin):
     """Base of every tuning method. Subclasses set ``name`` (and ``Options``) and override what they need."""
 
@@ -70,6 +79,17 @@ class TuningMethod(Plugin):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Hidden states entering block 0, and the mask, labels and positions that go with them."""
         return hidden, attention_mask, labels, position_ids
+
+    def extra_tokens(self) -> int:
+        """Positions the method adds before the caller's tokens in the servers' caches (prompt tuning)."""
+        return 0
+
+    def continue_inputs(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The mask and positions of a later step of an inference session, as the caller counts them,
+        turned into the servers' count (prompt tuning adds its prompt tokens)."""
+        return attention_mask, position_ids
 
     def remote(self, batch: int) -> RemoteTuning | None:
         """What travels with every remote forward / backward of a batch of ``batch`` rows (None: nothing)."""
@@ -94,6 +114,11 @@ class TuningMethod(Plugin):
     def load(self, folder: Path) -> None:
         """Read parameters :meth:`save` wrote (after :meth:`attach`)."""
         raise NotImplementedError
+
+    @classmethod
+    def options_of_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The options a saved ``adapter_config.json`` was written with (to attach before loading)."""
+        return {}
 
     def close(self, model: Any) -> None:
         """The client is closing: release what servers hold for this method (e.g. adapters)."""

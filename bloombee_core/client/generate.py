@@ -56,13 +56,7 @@ def generate_text(
         prefill_chunk=prefill_chunk,
     )
     try:
-        if chat and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = prompt
-        inputs = tokenizer(text, return_tensors="pt")
+        inputs = prompt_inputs(tokenizer, prompt, chat)
         streamer = _Streamer(tokenizer, out)
         kwargs = dict(
             max_new_tokens=max_new_tokens, streamer=streamer, attention_mask=inputs["attention_mask"]
@@ -81,6 +75,16 @@ def generate_text(
         return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         model.close()
+
+
+def prompt_inputs(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``prompt``, as a chat turn if ``chat`` and the tokenizer
+    has a chat template."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return dict(tokenizer(prompt, return_tensors="pt"))
 
 
 def describe_speculation(stats: dict) -> str:

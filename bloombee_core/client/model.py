@@ -237,6 +237,10 @@ class DistributedModelForCausalLM(Tunable, PreTrainedModel, GenerationMixin):
             return super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
 
     def _max_length(self, prompt_length: int, kwargs: dict[str, Any]) -> int:
+        extra = self.tuning_method.extra_tokens() if self.tuning_method is not None else 0
+        return extra + self._new_length(prompt_length, kwargs)
+
+    def _new_length(self, prompt_length: int, kwargs: dict[str, Any]) -> int:
         config = kwargs.get("generation_config") or self.generation_config
         if kwargs.get("max_new_tokens") is not None:
             return prompt_length + int(kwargs["max_new_tokens"])
@@ -273,6 +277,8 @@ class DistributedModelForCausalLM(Tunable, PreTrainedModel, GenerationMixin):
             hidden, attention_mask, labels, position_ids = tuning.prepare_inputs(
                 hidden, attention_mask, labels, position_ids
             )
+        elif tuning is not None:  # later steps of a session: the prompts are in the servers' caches
+            attention_mask, position_ids = tuning.continue_inputs(attention_mask, position_ids)
         if tuning is not None and session is None:
             tuning_remote = tuning.remote(hidden.shape[0])
         batch, length = hidden.shape[:2]
@@ -380,7 +386,13 @@ class AutoDistributedModelForCausalLM:
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(model.config)
         if tuning is not None or adapter is not None:
-            from bloombee_core.tuning import method_of_folder
+            from bloombee_core.tuning import choice_of_folder
 
-            model.tune(tuning if tuning is not None else method_of_folder(Path(adapter)), adapter)
+            try:
+                model.tune(
+                    tuning if tuning is not None else choice_of_folder(plugins, Path(adapter)), adapter
+                )
+            except BaseException:
+                model.close()
+                raise
         return model.eval()

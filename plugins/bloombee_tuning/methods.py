@@ -127,6 +127,11 @@ class Lora(TuningMethod):
 
         return RemoteTuning(adapter=self.adapter)
 
+    @classmethod
+    def options_of_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        targets = config.get("target_modules")
+        return {"r": int(config["r"]), "alpha": float(config["lora_alpha"]), "target_modules": list(targets)}
+
     def peft_key(self, name: str, part: str) -> str:
         index, path = name.split(".", 1)
         return f"base_model.model.{self.model.client.family.layer_prefix}{index}.{path}.lora_{part}.weight"
@@ -198,6 +203,13 @@ class Prompt(TuningMethod):
     def prefix(self) -> int:
         return self.options.num_virtual_tokens
 
+    @classmethod
+    def options_of_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"num_virtual_tokens": int(config["num_virtual_tokens"])}
+
+    def extra_tokens(self) -> int:
+        return self.prefix
+
     def prepare_inputs(self, hidden, attention_mask, labels, position_ids):  # noqa: ANN001, ANN201
         import torch
 
@@ -211,6 +223,14 @@ class Prompt(TuningMethod):
 
     def strip_outputs(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, self.prefix :]
+
+    def continue_inputs(self, attention_mask, position_ids):  # noqa: ANN001, ANN201
+        import torch
+
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(attention_mask.shape[0], self.prefix)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        return attention_mask, position_ids + self.prefix if position_ids is not None else None
 
     def save(self, folder: Path) -> Path:
         config = {
@@ -288,6 +308,10 @@ class Classifier(TuningMethod):
         self.module = nn.Module()
         self.module.score = nn.Linear(model.config.hidden_size, self.options.num_labels)
         return self.module
+
+    @classmethod
+    def options_of_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"num_labels": int(config["num_labels"])}
 
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         import torch
