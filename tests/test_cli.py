@@ -115,7 +115,8 @@ def test_a_config_error_in_a_terminal_is_one_line_and_exit_status_2(tmp_path: Pa
 def test_config_schema_is_json_schema_of_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"model", "network", "server", "client", "job", "plugins"}
+    sections = {"model", "network", "server", "client", "job", "finetune", "plugins"}
+    assert set(schema["properties"]) == sections
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ('[model]\ndtype = "float8"\n', "model.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
         ('[[server]]\nblocks = "0:2"\nnum_blocks = 2\n', "server[0]: give either blocks or num_blocks"),
         ("[model\n", "not valid TOML"),
+        ("[finetune]\nsteps = 0\n", "finetune.steps: Input should be greater than or equal to 1"),
     ],
 )
 def test_mistakes_give_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -97,6 +98,7 @@ def test_mistakes_give_one_line_naming_the_key(tmp_path: Path, text: str, messag
             "server[0].offload.weights_on_device: ",
         ),
         ('[model]\nfamily = "gpt5"\n', "model.family: unknown model family 'gpt5'; installed: "),
+        ('[finetune]\ntuning = { name = "lora", rr = 4 }\n', "finetune.tuning.rr: unknown option"),
     ],
 )
 def test_plugin_choices_are_checked_against_installed_plugins(
