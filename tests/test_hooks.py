@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
 from bloombee_core import load_plugins
+from bloombee_core.errors import ConfigError
 
 
 def test_hook_bloombee_register_model_families() -> None:
@@ -35,6 +37,15 @@ def test_hook_bloombee_register_offload_policies() -> None:
     policy = plugins.create("offload_policies", {"name": "percent", "weights_on_device": 50})
     assert policy.options.weights_on_device == 50
     assert "none" in plugins.classes("offload_policies")
+
+
+def test_hook_bloombee_register_tuning_methods() -> None:
+    plugins = load_plugins()
+    assert {"lora", "prompt", "deep-prompt", "classifier"} <= set(plugins.classes("tuning_methods"))
+    lora = plugins.create("tuning_methods", {"name": "lora", "r": 4, "alpha": 8}, "finetune.tuning")
+    assert (lora.options.r, lora.options.alpha) == (4, 8.0)
+    with pytest.raises(ConfigError, match="finetune.tuning.r"):
+        plugins.create("tuning_methods", {"name": "lora", "r": 0}, "finetune.tuning")
 
 
 def test_hook_bloombee_register_decoding_strategies() -> None:
