@@ -155,11 +155,11 @@ def test_disk_pages_leave_memory_after_their_units_forward(tmp_path: Path) -> No
     policy = PercentOffload(
         PercentOffload.Options(weights_on_device=0, weights_on_disk=100, directory=tmp_path)
     )
+    resident_during: list[int] = []
+    for unit in span:  # registered before the policy's hooks: runs before the unit's pages are dropped
+        unit.register_forward_hook(lambda module, args, out: resident_during.append(resident_mapped_kib()))
     policy.apply(span, CPU)
     assert list(tmp_path.rglob("*.bin")) == []  # unlinked once mapped: nothing is left behind
-    resident_during: list[int] = []
-    for unit in span:  # registered after the policy's hooks: sees the unit's weights in use
-        unit.register_forward_hook(lambda module, args, out: resident_during.append(resident_mapped_kib()))
     with torch.no_grad():
         assert torch.equal(span(x), want)
     assert all(kib >= 1024 for kib in resident_during)  # a unit's weights were paged in for its forward
