@@ -42,13 +42,6 @@ CONFIGS: dict[str, dict[str, int]] = {
 }
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker(options: dict[str, int], prompt: int, steps: int, runs: int, threads: int) -> dict[str, Any]:
     """One configuration in this process: place, warm up, time prefill and decode, read peak memory."""
     import torch
@@ -58,13 +51,14 @@ def worker(options: dict[str, int], prompt: int, steps: int, runs: int, threads:
     from bloombee_core.model.checkpoint import meta_skeleton, span_weight_bytes
     from bloombee_core.model_files import resolve_model
     from bloombee_core.registry import load_plugins
+    from bloombee_core.server.budget import current_rss, peak_rss
 
     torch.set_num_threads(threads)
     path = resolve_model("smollm2")
     config = load_config(path)
     family = load_plugins().family_for(config)
     meta_skeleton(config)
-    base = _status("VmRSS")
+    base = current_rss()
     dtype, end = torch.bfloat16, family.num_blocks(config)
     policy = PercentOffload(PercentOffload.Options(**options))
     placer = policy.placer(torch.device("cpu"), sum(span_weight_bytes(family, path, 0, end, dtype)))
@@ -96,7 +90,7 @@ def worker(options: dict[str, int], prompt: int, steps: int, runs: int, threads:
         "prefill_spread": [min(prefill_s), max(prefill_s)],
         "decode_ms": statistics.median(step_ms),
         "decode_spread": [min(step_ms), max(step_ms)],
-        "peak_rss": _status("VmHWM"),
+        "peak_rss": peak_rss(),
         "base_rss": base,
     }
 

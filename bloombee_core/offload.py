@@ -123,10 +123,7 @@ class OffloadPolicy(Plugin):
             )
         device = torch.device(device)
         total = sum(param_bytes(p) for p in _unique_params(span))
-        placer = self.placer(device, total)
-        for unit in offload_units(span):
-            placer.add_unit(unit)
-        placer.finish(span, self.kv_shares())
+        place_span(span, self.placer(device, total), self.kv_shares())
         return span
 
 
@@ -311,19 +308,11 @@ def _place_kv(
     plan.kv = {tier: tiers.count(tier) for tier in ("device", "cpu", "disk")}
 
 
-def place_span(
-    span: nn.Module,
-    device: torch.device,
-    device_budget: int,
-    cpu_budget: int = 0,
-    directory: Path | None = None,
-    prefetch: bool = True,
-) -> OffloadPlan:
-    """Place an already loaded ``span`` on ``device`` with these tier budgets (see :class:`SpanPlacer`)."""
-    placer = SpanPlacer(device, device_budget, cpu_budget, directory, prefetch)
+def place_span(span: nn.Module, placer: SpanPlacer, kv_shares: tuple[int, int] = (100, 0)) -> OffloadPlan:
+    """Place an already loaded ``span`` unit by unit with ``placer`` (see :class:`SpanPlacer`)."""
     for unit in offload_units(span):
         placer.add_unit(unit)
-    return placer.finish(span)
+    return placer.finish(span, kv_shares)
 
 
 def _moved(param: nn.Parameter, device: torch.device) -> nn.Parameter:

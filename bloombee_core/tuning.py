@@ -38,27 +38,33 @@ PEFT_TYPES = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
 
 def method_of_folder(folder: Path) -> str:
     """The tuning method that saved ``folder`` (from its ``adapter_config.json``)."""
+    return _method_of(_adapter_config(folder), folder)
+
+
+def choice_of_folder(plugins: Any, folder: Path) -> dict[str, Any]:
+    """``{"name": ..., **options}`` of the method that saved ``folder``, with the options it was saved with."""
+    config = _adapter_config(folder)
+    name = _method_of(config, folder)
+    return {"name": name, **plugins.get("tuning_methods", name).options_of_config(config)}
+
+
+def _adapter_config(folder: Path) -> dict[str, Any]:
     import json
 
     config_file = Path(folder) / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no adapter_config.json: not a saved adapter")
-    config = json.loads(config_file.read_text())
+    return json.loads(config_file.read_text())
+
+
+def _method_of(config: dict[str, Any], folder: Path) -> str:
     name = config.get("bloombee_method") or PEFT_TYPES.get(str(config.get("peft_type")))
     if name is None:
         raise ValueError(
-            f"{config_file}: cannot tell which tuning method reads peft_type {config.get('peft_type')!r}"
+            f"{folder}/adapter_config.json: cannot tell which tuning method reads peft_type "
+            f"{config.get('peft_type')!r}"
         )
     return str(name)
-
-
-def choice_of_folder(plugins: Any, folder: Path) -> dict[str, Any]:
-    """``{"name": ..., **options}`` of the method that saved ``folder``, with the options it was saved with."""
-    import json
-
-    name = method_of_folder(folder)
-    config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    return {"name": name, **plugins.get("tuning_methods", name).options_of_config(config)}
 
 
 class TuningMethod(Plugin):

@@ -72,9 +72,10 @@ class SpanCompute:
             *(["grad.prompts"] if prompts is not None else []),
         ]
         dtype = t["hidden"].dtype
+        inputs = [hidden, *per_layer.values(), *extra]
         out_grads = {
             n: (g if g is not None else torch.zeros_like(x)).to("cpu", dtype)
-            for n, g, x in zip(names, grads, [hidden, *per_layer.values(), *extra], strict=False)
+            for n, g, x in zip(names, grads[: len(names)], inputs, strict=True)
         }
         if lora:
             out_grads["lora"] = [
