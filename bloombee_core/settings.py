@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from bloombee_core.about import DEFAULT_MODEL
+from bloombee_core.api.settings import ApiSettings
 from bloombee_core.dtypes import DtypeName
 from bloombee_core.errors import ConfigError, dotted
 
@@ -209,8 +210,8 @@ class ClientSettings(_Section):
 
 
 class JobSettings(_Section):
-    kind: Literal["generate", "finetune", "none"] = Field(
-        "none", description="What the client does: generate, finetune, none."
+    kind: Literal["generate", "finetune", "api", "none"] = Field(
+        "none", description="What the client does: generate, finetune, api (serve the HTTP API), none."
     )
     prompt: str = Field("Explain DHTs in one sentence.", description="What the job generates from.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens to generate at most.")
@@ -261,6 +262,7 @@ class ClientJob(_Section):
     client: ClientSettings = Field(default_factory=ClientSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
 
@@ -275,6 +277,7 @@ class Settings(BaseSettings):
     client: ClientSettings = Field(default_factory=ClientSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
     @classmethod

@@ -205,12 +205,17 @@ class Stack:
                 client=self.settings.client,
                 job=job,
                 finetune=self.settings.finetune,
+                api=self.settings.api,
                 plugins=self.settings.plugins,
             )
             if job.kind == "finetune":
                 from bloombee_core.finetune import run_finetune
 
                 run_finetune(client_job, self.plugins, threads=self.threads)
+            elif job.kind == "api":  # serves until Ctrl-C / SIGTERM
+                from bloombee_core.api.serve import run_api
+
+                run_api(client_job, self.plugins, threads=self.threads)
             else:
                 from bloombee_core.roles import run_generate
 

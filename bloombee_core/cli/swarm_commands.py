@@ -1,4 +1,4 @@
-"""Swarm commands: ``bootstrap``, ``serve``, ``generate``, ``status``.
+"""Swarm commands: ``bootstrap``, ``serve``, ``generate``, ``api``, ``status``.
 
 Their flags are made from the settings models (:mod:`bloombee_core.cli.flags`): each setting is declared
 once, in :mod:`bloombee_core.settings`, with the same name and meaning here and in swarm.toml.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bloombee_core.api.settings import ApiSettings
 from bloombee_core.cli.flags import add_flags, plugin_choice, settings_from_flags
 from bloombee_core.settings import (
     BootstrapJob,
@@ -48,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         'draft-model ...), e.g. --drafter \'{"name": "early-exit", "blocks": 4}\'',
     )
     p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("api", help="serve an OpenAI-compatible HTTP API and a chat page for a model")
+    _model(p, dtype=True)
+    _swarm(p)
+    add_flags(p, ApiSettings, "api", only=["host", "port", "api_key", "name", "max_tokens", "max_concurrent"])
+    add_flags(p, ClientSettings, "client")
+    p.set_defaults(func=cmd_api)
 
     p = subparsers.add_parser("status", help="table of servers, spans, throughput, cache left and coverage")
     _swarm(p)
@@ -90,6 +98,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         job = job.model_copy(update={"client": job.client.model_copy(update={"decoding": decoding})})
     run_generate(job, load_plugins(strict=job.plugins.strict))
     return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from bloombee_core.api.serve import run_api
+    from bloombee_core.registry import load_plugins
+
+    job = settings_from_flags(args, ClientJob, {"model": {"path": args.model}, "job": {"kind": "api"}})
+    return run_api(job, load_plugins(strict=job.plugins.strict))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from bloombee_core.client.handle import InferenceSessionHandle, RemoteCache
 from bloombee_core.client.membership import SwarmMembership
 from bloombee_core.client.pipeline import (
     PipelineStats,
@@ -32,7 +34,6 @@ from bloombee_core.client.pipeline import (
     micro_batch_size,
 )
 from bloombee_core.client.remote_blocks import remote_blocks
-from bloombee_core.client.sessions import InferenceSession
 from bloombee_core.client.swarm_client import SwarmClient, swarm_client_for
 from bloombee_core.client.tunable import Tunable
 from bloombee_core.compression import Compressor
@@ -42,108 +43,8 @@ if TYPE_CHECKING:
 
     from bloombee_core.model import ClientPart
     from bloombee_core.registry import PluginSet
-    from bloombee_core.swarm.routing import Hop
     from bloombee_core.transport import Transport
     from bloombee_core.tuning import TuningMethod
-
-
-class RemoteCache(Cache):
-    """The transformers-facing side of an inference session: the servers hold the keys and values."""
-
-    is_compileable = False
-
-    def __init__(self, session: InferenceSessionHandle) -> None:  # no super(): there are no local layers
-        self.session = session
-        self.layers = []
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported over the swarm yet; use greedy or sampling")
-
-    def __repr__(self) -> str:
-        return f"RemoteCache(position={self.session.position})"
-
-
-class InferenceSessionHandle:
-    """What ``model.inference_session()`` yields: server-side caches kept across calls in the block."""
-
-    def __init__(
-        self,
-        model: DistributedModelForCausalLM,
-        max_length: int,
-        trees: bool = False,
-        group: str | None = None,
-    ) -> None:
-        self.model = model
-        self.inner = InferenceSession(model.swarm, max_length, trees, model.prefill_chunk, group)
-        remote = model.tuning_method.remote(1) if model.tuning_method is not None else None
-        self.inner.adapter = remote.adapter if remote is not None else None  # generation with a trained LoRA
-        self.inner.on_chunks = model.pipeline_stats.chunks
-        self.speculation: dict[str, Any] = {}  # what speculative decoding achieved in this session
-
-    @property
-    def position(self) -> int:
-        return self.inner.position
-
-    @property
-    def route(self) -> list[Hop]:
-        return self.inner.route
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Per server of the chain: steps run, and whether their inputs came from the client or by push."""
-        return self.inner.stats()
-
-    def step(
-        self,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        mask: torch.Tensor | None,
-        per_layer: dict[str, torch.Tensor] | None = None,
-        tree: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states through every block (see :meth:`InferenceSession.step` for ``tree`` and ``keep``)."""
-        stats = self.model.pipeline_stats
-        stats.enter("steps")
-        try:
-            return self.model.loop.run(self.inner.step(hidden, position_ids, mask, per_layer, tree, keep))
-        finally:
-            stats.leave("steps")
-
-    @torch.no_grad()
-    def step_tokens(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        tree: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Tokens in, the last block's hidden states out ([batch, tokens, hidden]; ``model.client.logits``
-        turns any of them into logits). What speculative decoding runs each round: a token tree and the
-        rows of the previous round to keep."""
-        client = self.model.client
-        hidden = client.embed(input_ids)
-        per_layer = client.per_layer_inputs(input_ids, hidden)
-        mask = attention_mask.to(torch.int64) if attention_mask is not None else None
-        return self.step(hidden, position_ids.to(torch.int64), mask, per_layer, tree, keep).to(hidden.dtype)
-
-    def close(self) -> None:
-        self.model.loop.soon(self.inner.close)  # its streams belong to the loop's thread
 
 
 class DistributedModelForCausalLM(Tunable, PreTrainedModel, GenerationMixin):
@@ -177,10 +78,19 @@ class DistributedModelForCausalLM(Tunable, PreTrainedModel, GenerationMixin):
         self.plugins = plugins  # the registries it was loaded with (strategies pick drafters there)
         self.loop = membership.loop
         self._membership = membership
-        self._session: InferenceSessionHandle | None = None
+        self._sessions = threading.local()  # the active session is per thread: threads generate at once
         self.pipeline_stats = PipelineStats()
         self.tuning_method: TuningMethod | None = None  # what the client trains (model.tune)
         self.tuning_module: nn.Module | None = None
+
+    @property
+    def _session(self) -> InferenceSessionHandle | None:
+        """The inference session active in this thread (``inference_session``), if any."""
+        return getattr(self._sessions, "active", None)
+
+    @_session.setter
+    def _session(self, session: InferenceSessionHandle | None) -> None:
+        self._sessions.active = session
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.client.model.get_input_embeddings()
@@ -196,7 +106,7 @@ class DistributedModelForCausalLM(Tunable, PreTrainedModel, GenerationMixin):
         """Keep server-side KV caches for up to ``max_length`` tokens across ``generate``/forward calls;
         with ``trees``, steps may be token trees (speculative decoding)."""
         if self._session is not None:
-            raise RuntimeError("an inference session is already active on this model")
+            raise RuntimeError("an inference session is already active on this model in this thread")
         session = InferenceSessionHandle(self, max_length, trees)
         self._session = session
         try:

@@ -251,7 +251,7 @@ def generate_micro_batches(
     the outputs padded to one length (what the unsplit call gives: finished rows carry padding)."""
     from transformers import GenerationMixin
 
-    from bloombee_core.client.model import InferenceSessionHandle, RemoteCache
+    from bloombee_core.client.handle import InferenceSessionHandle, RemoteCache
 
     mask = kwargs.pop("attention_mask", None)
     kwargs.pop("input_ids", None)
