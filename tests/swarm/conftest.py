@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from family_helpers import FAMILY_CONFIGS
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from bloombee_core.stack import Child
 
@@ -156,6 +156,25 @@ def smollm2_servers(swarm, smollm2) -> list[Child]:
     for child in children:
         child.wait_ready()
     return children
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer: a whole `bloombee run` with it is quick."""
+    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

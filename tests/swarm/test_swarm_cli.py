@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -91,25 +91,6 @@ def test_generate_command_streams_the_reference_reply(swarm, smollm2, smollm2_se
         out = ref.generate(**ids, max_new_tokens=8, do_sample=False)
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result.stdout.strip() == expected.strip()
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
-    """A tiny random llama with SmolLM2's tokenizer: a whole `bloombee run` with it is quick."""
-    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
-    return folder
 
 
 PROMPT = "The capital of France is"
