@@ -18,7 +18,7 @@ from bloombee_core.cli import main
 
 pytestmark = pytest.mark.usefixtures("third_party_plugins_installed")
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["bootstrap", "serve", "generate", "status", "run", "plugins", "config"]
+COMMANDS = ["bootstrap", "serve", "generate", "api", "status", "run", "plugins", "config"]
 
 
 def bloombee(*args: str) -> subprocess.CompletedProcess[str]:
@@ -115,7 +115,7 @@ def test_a_config_error_in_a_terminal_is_one_line_and_exit_status_2(tmp_path: Pa
 def test_config_schema_is_json_schema_of_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    sections = {"model", "network", "server", "client", "job", "finetune", "plugins"}
+    sections = {"model", "network", "server", "client", "job", "finetune", "api", "plugins"}
     assert set(schema["properties"]) == sections
 
 
@@ -155,3 +155,26 @@ def subprocess_free_help(command: str) -> str:
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         main([command, "--help"])
     return out.getvalue()
+
+
+def test_api_flags_mirror_the_api_settings_and_mistakes_name_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+
+    from bloombee_core.cli.flags import flag_name
+    from bloombee_core.settings import ApiSettings
+
+    usage = subprocess_free_help("api")
+    assert all(flag_name(name) in usage for name in ApiSettings.model_fields)
+    peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/1"]
+    assert main(["api", "some-model", *peers, "--port", "70000"]) == 2
+    assert "error: --port: Input should be less than or equal to 65535" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use fails at once, before any model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["api", "some-model", *peers, "--port", port]) == 2
+    assert (
+        f"error: the API cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    )

@@ -22,6 +22,7 @@ FORBIDDEN = {
     "model": {"swarm", "server", "client", "cli"},
     "server": {"client", "cli"},
     "client": {"server", "cli"},
+    "api": {"server", "cli"},  # the HTTP API is a client of the swarm
 }
 MAX_RUNTIME_LINES = 400
 
