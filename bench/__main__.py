@@ -9,6 +9,7 @@ Results of a partial run replace only their own rows in the JSON file and the ta
 ``python -m bench finetune ...`` a fine-tuning step (LoRA, deep prompts) through the swarm beside its floor (bench/finetune.py),
 ``python -m bench offload ...`` prefill and decode with weights and KV cache offloaded to disk (bench/offload.py),
 ``python -m bench links ...`` auto compression against none on capped links (bench/links.py),
+``python -m bench api ...`` time to first token and per token through the HTTP API against the Python API (bench/api.py),
 ``python -m bench defaults ...`` batch-1 decode with a user's defaults beside the tuned setup (bench/defaults.py).
 """
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import links
 
         return links.main(argv[1:])
+    if argv[:1] == ["api"]:
+        from bench import api
+
+        return api.main(argv[1:])
     if argv[:1] == ["pipeline"]:
         from bench import pipeline
 
