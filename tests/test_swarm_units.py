@@ -193,3 +193,32 @@ def test_hidden_states_can_travel_compressed_and_the_header_names_the_compressor
     metas, out = asyncio.run(go())
     assert {m.name: m.compressor for m in metas} == {"hidden": "zstd", "position_ids": "none"}
     assert torch.equal(out["hidden"].view(torch.int16), hidden.view(torch.int16))
+
+
+def test_server_records_are_refreshed_in_the_background_until_they_are_stale(monkeypatch):
+    """A new session does not wait for a DHT lookup while the records it has are recent; old ones are
+    fetched before use, and a forced refresh always fetches."""
+    from bloombee_core.client import swarm_client
+
+    fetched: list[int] = []
+
+    async def fetch(transport, model, num_blocks):
+        fetched.append(len(fetched))
+        await asyncio.sleep(0.05)
+        return {f"peer{len(fetched)}": len(fetched)}
+
+    monkeypatch.setattr(swarm_client, "fetch_servers", fetch)
+    client = swarm_client.SwarmClient(None, "m", 4, [0, 4], refresh_every=5.0)
+
+    async def scenario():
+        assert await client.refresh() == {"peer1": 1}  # nothing yet: fetched before answering
+        assert await client.refresh() == {"peer1": 1} and len(fetched) == 1  # fresh: no fetch
+        client._fetched_at -= 10  # older than refresh_every, younger than stale_after
+        assert await client.refresh() == {"peer1": 1}  # answered at once ...
+        await asyncio.sleep(0.1)
+        assert client.servers == {"peer2": 2}  # ... and refreshed behind it
+        client._fetched_at -= 100  # stale: fetched first
+        assert await client.refresh() == {"peer3": 3}
+        assert await client.refresh(force=True) == {"peer4": 4}
+
+    asyncio.run(scenario())

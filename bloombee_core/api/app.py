@@ -12,6 +12,7 @@ next token and its inference session closes on the servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -179,7 +180,7 @@ class Api:
             ids = await anyio.to_thread.run_sync(
                 self.engine.text_prompt, prompt[0] if isinstance(prompt, list) else prompt
             )
-        gen = req.generation(ids, self.engine.limit(len(ids), req.new_tokens(), "max_tokens"), req.logprobs)
+        gen = req.generation(ids, self.engine.limit(len(ids), req.new_tokens(), "prompt"), req.logprobs)
         rid = schemas.new_id("cmpl")
 
         def chunk(piece: Piece | None, outcome: Outcome | None) -> dict[str, Any]:
@@ -191,7 +192,7 @@ class Api:
                 else None,
                 "finish_reason": outcome.finish_reason if outcome else None,
             }
-            extra = {"route": outcome.route} if outcome else {}
+            extra = schemas.extension(outcome) if outcome else {}
             return schemas.envelope("text_completion", rid, req.model, [choice], **extra)
 
         if req.stream:
@@ -204,7 +205,12 @@ class Api:
             "finish_reason": outcome.finish_reason,
         }
         body = schemas.envelope(
-            "text_completion", rid, req.model, [choice], usage=schemas.usage(outcome), route=outcome.route
+            "text_completion",
+            rid,
+            req.model,
+            [choice],
+            usage=schemas.usage(outcome),
+            **schemas.extension(outcome),
         )
         return JSONResponse(body)
 
@@ -215,7 +221,7 @@ class Api:
         messages = [m.as_template_input() for m in req.messages]
         ids = await anyio.to_thread.run_sync(self.engine.chat_prompt, messages)
         logprobs = req.wanted_logprobs()
-        gen = req.generation(ids, self.engine.limit(len(ids), req.new_tokens(), "max_tokens"), logprobs)
+        gen = req.generation(ids, self.engine.limit(len(ids), req.new_tokens(), "messages"), logprobs)
         rid = schemas.new_id("chatcmpl")
 
         def chunk(piece: Piece | None, outcome: Outcome | None) -> dict[str, Any]:
@@ -228,7 +234,7 @@ class Api:
                 "logprobs": schemas.chat_logprobs([piece]) if piece and logprobs is not None else None,
                 "finish_reason": outcome.finish_reason if outcome else None,
             }
-            extra = {"route": outcome.route} if outcome else {}
+            extra = schemas.extension(outcome) if outcome else {}
             return schemas.envelope("chat.completion.chunk", rid, req.model, [choice], **extra)
 
         if req.stream:
@@ -243,7 +249,12 @@ class Api:
             "finish_reason": outcome.finish_reason,
         }
         body = schemas.envelope(
-            "chat.completion", rid, req.model, [choice], usage=schemas.usage(outcome), route=outcome.route
+            "chat.completion",
+            rid,
+            req.model,
+            [choice],
+            usage=schemas.usage(outcome),
+            **schemas.extension(outcome),
         )
         return JSONResponse(body)
 
@@ -268,7 +279,8 @@ class Api:
             except BaseException as exc:
                 put(("error", exc))
             finally:
-                loop.call_soon_threadsafe(self.slots.release)
+                with contextlib.suppress(RuntimeError):  # the event loop is gone: nothing to release
+                    loop.call_soon_threadsafe(self.slots.release)
 
         async def start() -> None:
             await self.slots.acquire()

@@ -83,6 +83,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     route: list[dict[str, Any]]
+    decoding: dict[str, Any]  # how it was decoded: {"name": ...} (speculative: and its rounds)
     first_token_s: float | None  # from the start of the request to its first new token
     seconds: float
 
@@ -241,12 +242,13 @@ class Engine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        greedy_strategy = decoding is not None and decoding.name != "greedy" and plugins is not None
-        self.strategies = (
-            _Pool(lambda: plugins.create("decoding_strategies", decoding, "client.decoding"))
-            if greedy_strategy
-            else None
-        )
+        self.strategies: _Pool | None = None  # greedy and sampling: the request's own parameters decide
+        if decoding is not None and plugins is not None:
+            pool = _Pool(lambda: plugins.create("decoding_strategies", decoding, "client.decoding"))
+            first = pool.make()
+            if _runs_its_own_loop(first):
+                pool.free.append(first)
+                self.strategies = pool
 
     # ---- prompts -------------------------------------------------------------------------------
 
@@ -261,34 +263,29 @@ class Engine:
         writes them itself)."""
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def limit(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
-        """The number of new tokens a request may generate, or a context-length error."""
-        room = self.context_length - prompt_tokens
+    def limit(self, prompt_tokens: int, max_tokens: int | None, prompt_field: str) -> int:
+        """The number of new tokens a request may generate, or an error naming ``prompt_field`` (the
+        request's ``prompt`` or ``messages``)."""
         if prompt_tokens == 0:
-            raise invalid("the prompt is empty", "prompt" if param == "max_tokens" else "messages")
-        if max_tokens is None:
-            if room < 1:
-                raise self._too_long(prompt_tokens, 1)
-            return min(room, self.default_max_tokens)
-        if max_tokens > room:
-            raise self._too_long(prompt_tokens, max_tokens)
-        return max_tokens
-
-    def _too_long(self, prompt: int, new: int) -> ApiError:
-        return invalid(
-            f"This model's maximum context length is {self.context_length} tokens. However, you "
-            f"requested {prompt + new} tokens ({prompt} in the prompt, {new} in the completion). "
-            "Please reduce the prompt or the completion length.",
-            "messages",
-            "context_length_exceeded",
-        )
+            raise invalid("the prompt is empty", prompt_field)
+        room = self.context_length - prompt_tokens
+        wanted = max_tokens if max_tokens is not None else 1
+        if wanted > room:
+            raise invalid(
+                f"This model's maximum context length is {self.context_length} tokens. However, you "
+                f"requested {prompt_tokens + wanted} tokens ({prompt_tokens} in the prompt, {wanted} in "
+                "the completion). Please reduce the prompt or the completion length.",
+                prompt_field,
+                "context_length_exceeded",
+            )
+        return max_tokens if max_tokens is not None else min(room, self.default_max_tokens)
 
     # ---- the swarm -----------------------------------------------------------------------------
 
-    def missing_blocks(self) -> list[tuple[int, int]]:
-        """Block ranges no online server holds (from the DHT records, refreshed every few seconds)."""
+    def missing_blocks(self, force: bool = False) -> list[tuple[int, int]]:
+        """Block ranges no online server holds, from the DHT records (``force``: fetched afresh)."""
         swarm = self.model.swarm
-        servers = self.model.loop.run(swarm.refresh(), timeout=30)
+        servers = self.model.loop.run(swarm.refresh(force), timeout=30)
         covered = [False] * swarm.num_blocks
         for record in servers.values():
             if record.state == "online":
@@ -304,8 +301,8 @@ class Engine:
         return ranges
 
     def check_swarm(self) -> None:
-        missing = self.missing_blocks()
-        if missing:
+        """A 503 naming the blocks no server holds (checked again on fresh records before it is said)."""
+        if self.missing_blocks() and (missing := self.missing_blocks(force=True)):
             raise unavailable(missing, self.model.swarm.num_blocks)
 
     def route(self) -> list[dict[str, Any]]:
@@ -336,11 +333,17 @@ class Engine:
             "do_sample": False,  # the sampler picks sampled tokens itself
             "pad_token_id": self.model.generation_config.pad_token_id,
         }
+        decoding: dict[str, Any] = {"name": "greedy" if generation.greedy else "sampling"}
         try:
             with torch.no_grad():
                 if generation.greedy and generation.logprobs is None and self.strategies is not None:
                     with self.strategies.take() as strategy:
-                        strategy.generate(self.model, ids, **kwargs)
+                        decoding = {"name": strategy.name}
+                        try:
+                            strategy.generate(self.model, ids, **kwargs)
+                        finally:
+                            stats = getattr(strategy, "last_stats", None) or {}
+                            decoding.update({k: stats[k] for k in ("rounds", "tokens") if k in stats})
                 else:
                     self.model.generate(ids, logits_processor=LogitsProcessorList([sampler]), **kwargs)
         except _StopReached:
@@ -354,9 +357,20 @@ class Engine:
             prompt_tokens=len(generation.prompt_ids),
             completion_tokens=count,
             route=streamer.route,
+            decoding=decoding,
             first_token_s=streamer.first_token_at - begin if streamer.first_token_at else None,
             seconds=time.perf_counter() - begin,
         )
+
+
+def _runs_its_own_loop(strategy: Any) -> bool:
+    """Whether greedy requests go through ``strategy``: one with a generation loop of its own
+    (speculative decoding) that decodes greedily. A strategy that only sets ``generate``'s arguments
+    (greedy, sampling) gives way to each request's temperature, top_p and seed."""
+    from bloombee_core.decoding import DecodingStrategy
+
+    own_loop = type(strategy).generate is not DecodingStrategy.generate
+    return own_loop and not strategy.generation_kwargs().get("do_sample", False)
 
 
 def unavailable(missing: list[tuple[int, int]], num_blocks: int) -> ApiError:

@@ -146,6 +146,11 @@ def usage(outcome: Outcome) -> dict[str, int]:
     }
 
 
+def extension(outcome: Outcome) -> dict[str, Any]:
+    """BloomBee's fields beside OpenAI's (clients ignore them): the route and how it was decoded."""
+    return {"route": outcome.route, "decoding": outcome.decoding}
+
+
 def chat_logprobs(pieces: list[Piece]) -> dict[str, Any]:
     def entry(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}

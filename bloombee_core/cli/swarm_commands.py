@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from bloombee_core.api.settings import ApiSettings
 from bloombee_core.cli.flags import add_flags, plugin_choice, settings_from_flags
@@ -22,6 +23,8 @@ from bloombee_core.settings import (
     ServerJob,
     ServerSettings,
 )
+
+API_KEY_ENV = "BLOOMBEE_API__API_KEY"  # the same variable `bloombee run` reads for api.api_key
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +107,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     from bloombee_core.api.serve import run_api
     from bloombee_core.registry import load_plugins
 
-    job = settings_from_flags(args, ClientJob, {"model": {"path": args.model}, "job": {"kind": "api"}})
+    base: dict = {"model": {"path": args.model}, "job": {"kind": "api"}}
+    if os.environ.get(API_KEY_ENV):  # a key on the command line shows in `ps`; the environment does not
+        base["api"] = {"api_key": os.environ[API_KEY_ENV]}
+    job = settings_from_flags(args, ClientJob, base)
     return run_api(job, load_plugins(strict=job.plugins.strict))
 
 

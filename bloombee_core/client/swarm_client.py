@@ -58,12 +58,25 @@ class SwarmClient:
         self.rtt: dict[str, float] = {}
         self.servers: dict[str, ServerRecord] = {}
         self._fetched_at = 0.0
+        self.stale_after = 60.0  # seconds: older records are fetched before they are used
+        self._fetching: asyncio.Future | None = None
 
     async def refresh(self, force: bool = False) -> dict[str, ServerRecord]:
-        if force or time.monotonic() - self._fetched_at > self.refresh_every:
-            self.servers = await fetch_servers(self.transport, self.model, self.num_blocks)
-            self._fetched_at = time.monotonic()
+        """The servers from the DHT. Records older than ``refresh_every`` are fetched again; while they
+        are younger than ``stale_after``, the fetch runs in the background and this returns them at
+        once (a new session need not wait a DHT lookup for them; one a server has left since fails
+        over like any other failure, with a forced fetch)."""
+        age = time.monotonic() - self._fetched_at
+        if force or not self.servers or age > self.stale_after:
+            await self._fetch()
+        elif age > self.refresh_every and (self._fetching is None or self._fetching.done()):
+            self._fetching = asyncio.ensure_future(self._fetch())
+            self._fetching.add_done_callback(_log_failure)
         return self.servers
+
+    async def _fetch(self) -> None:
+        self.servers = await fetch_servers(self.transport, self.model, self.num_blocks)
+        self._fetched_at = time.monotonic()
 
     async def info(self, peer: str) -> dict[str, Any]:
         """A server's own report (span, cache left, throughput, sessions, resident weight fraction)."""
@@ -116,6 +129,11 @@ class SwarmClient:
             self.transport, hop.peer, header, tensors, self.compressor, self.decoders, self.timeout, link
         )
         return out
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.info("refreshing the servers from the DHT failed: %s", task.exception())
 
 
 def swarm_client_for(

@@ -216,6 +216,15 @@ def test_a_client_leaving_mid_stream_frees_the_servers_caches(client, smollm2_se
             if count == 3:
                 break
         assert max(sessions_on(raw_client, peers)) >= 1  # the generation holds its caches now
+    wait_until_free(raw_client, peers)
+    # a caller of a non-streamed answer that gives up (here: its timeout) ends the generation too
+    impatient = client.with_options(timeout=2.0)
+    with pytest.raises(openai.APITimeoutError):
+        chat(impatient, max_tokens=400)
+    wait_until_free(raw_client, peers)
+
+
+def wait_until_free(raw_client, peers: list[str]) -> None:
     deadline = time.monotonic() + 30
     while (left := sessions_on(raw_client, peers)) != [0, 0, 0] and time.monotonic() < deadline:
         time.sleep(0.25)
@@ -297,3 +306,37 @@ def test_the_chat_page_streams_a_reply_in_a_real_browser(api):
         assert not unexpected, unexpected
     finally:
         driver.quit()
+
+
+def test_speculative_decoding_is_the_servers_setting(swarm, smollm2, smollm2_servers, local):
+    drafter = '{"name": "speculative", "drafter": "prompt-lookup"}'
+    child = Child(
+        "api-speculative",
+        ["bloombee_core.cli", "api", str(smollm2), "--initial-peers", *swarm.peers]
+        + ["--port", "0", "--name", NAME, "--decoding", drafter],
+        swarm.log_dir,
+    )
+    try:
+        url = child.wait_ready()["url"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        questions = [QUESTION, "Repeat after me: one two three, one two three, one two three."]
+        replies: dict[int, object] = {}
+
+        def one(i: int) -> None:
+            replies[i] = chat(client, questions[i], max_tokens=20)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]  # two at once: two drafters
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        for i, question in enumerate(questions):
+            reply = replies[i]
+            assert reply.choices[0].message.content == local.greedy(local.chat_ids(question), 20)[1]
+            assert reply.decoding["name"] == "speculative", reply.decoding
+        repeated = replies[1].decoding
+        assert repeated["rounds"] < repeated["tokens"], repeated  # drafts of the repeated phrase accepted
+        sampled = chat(client, max_tokens=4, temperature=0.7, seed=1)
+        assert sampled.decoding == {"name": "sampling"}
+    finally:
+        child.stop()
