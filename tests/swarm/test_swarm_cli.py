@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -224,3 +225,42 @@ def test_generate_with_speculative_decoding_equals_plain_greedy(swarm, smollm2, 
     assert plain.returncode == 0 and fast.returncode == 0, fast.stderr[-2000:]
     assert fast.stdout == plain.stdout
     assert "speculative decoding: " in fast.stderr and "per round" in fast.stderr
+
+
+def test_bloombee_run_serves_the_api_job_and_sigterm_stops_everything(tmp_path, tiny_with_tokenizer):
+    """``[job] kind = "api"``: a whole swarm and its HTTP API from one file; the API answers like
+    transformers; SIGTERM to ``bloombee run`` stops every process it started."""
+    import signal
+    import urllib.request
+
+    from bloombee_core.stack import Child
+
+    toml = tmp_path / "swarm.toml"
+    text = swarm_toml(tiny_with_tokenizer).replace('kind = "generate"', 'kind = "api"')
+    toml.write_text(text + '\n[api]\nport = 0\nname = "tiny"\n')
+    tag = uuid.uuid4().hex
+    os.environ["BLOOMBEE_TEST_TAG"], outer = tag, os.environ["BLOOMBEE_TEST_TAG"]
+    try:
+        stack = Child("run-api", ["bloombee_core.cli", "run", "--config", str(toml)], tmp_path)
+    finally:
+        os.environ["BLOOMBEE_TEST_TAG"] = outer
+    try:
+        url = stack.wait_ready()["url"]
+        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}).encode()
+        request = urllib.request.Request(
+            f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            reply = json.loads(response.read())
+        assert reply["choices"][0]["text"].strip() == reference_reply(tiny_with_tokenizer, 6)
+        assert reply["usage"]["completion_tokens"] == 6
+        os.kill(stack.proc.pid, signal.SIGTERM)
+        assert stack.proc.wait(60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 20
+        while _tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not _tagged(tag), _tagged(tag)
+    finally:
+        stack.stop()
+        for pid, _ in _tagged(tag):
+            os.kill(int(pid), 9)
