@@ -103,6 +103,19 @@ def test_size_limits_are_checked_before_reading_payloads():
             "shape",
         ),
         (msgpack.packb({"tensors": "nope"}), "'tensors' must be a list"),
+        *[  # a dtype of the wrong type is refused like an unknown one (it was an internal TypeError)
+            (
+                msgpack.packb(
+                    {
+                        "tensors": [
+                            {"name": "h", "dtype": bad, "shape": [1], "compressor": "none", "nbytes": 4}
+                        ]
+                    }
+                ),
+                "is not one of",
+            )
+            for bad in (["float32"], {"a": 1}, 3, None)
+        ],
     ],
 )
 def test_malformed_headers_are_refused_with_a_reason(header, message):
@@ -222,3 +235,13 @@ def test_server_records_are_refreshed_in_the_background_until_they_are_stale(mon
         assert await client.refresh(force=True) == {"peer4": 4}
 
     asyncio.run(scenario())
+
+
+def test_a_record_names_a_local_model_without_its_path(tmp_path):
+    from bloombee_core.swarm.records import public_model_name
+
+    folder = tmp_path / "secret-place" / "my-model"
+    folder.mkdir(parents=True)
+    assert public_model_name(folder) == "my-model"
+    assert public_model_name(str(folder / "weights.gguf")) == "weights.gguf"  # absolute: never shown whole
+    assert public_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

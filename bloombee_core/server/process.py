@@ -31,7 +31,7 @@ from bloombee_core.server.rebalance import Rebalancer
 from bloombee_core.settings import ServerJob
 from bloombee_core.swarm.aio import LoopThread
 from bloombee_core.swarm.placement import block_throughput, choose_span, estimate_throughput
-from bloombee_core.swarm.records import fetch_servers, model_key
+from bloombee_core.swarm.records import fetch_servers, model_key, public_model_name
 from bloombee_core.transport import Transport
 
 if TYPE_CHECKING:
@@ -139,7 +139,11 @@ async def start_server(
         transport,
         span,
         model=key,
-        model_info={"name": str(job.model.path), "family": family.name, "num_blocks": num_blocks},
+        model_info={
+            "name": public_model_name(job.model.path),
+            "family": family.name,
+            "num_blocks": num_blocks,
+        },
         family_name=family.name,
         cuts=cuts,
         dtype=dtype,

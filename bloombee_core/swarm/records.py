@@ -40,6 +40,13 @@ def model_key(config: PretrainedConfig, folder: str | Path | None = None) -> str
     return f"{config.model_type}-{digest.hexdigest()[:12]}"
 
 
+def public_model_name(path: str | Path) -> str:
+    """What a server publishes as its model's name: a hub id as given, but of a local folder or file
+    only its last part (a record is public: it must not show where a server keeps its files)."""
+    local = Path(path).expanduser()
+    return local.name if local.is_absolute() or local.exists() else str(path)
+
+
 FINGERPRINT_SAMPLES = 16  # blocks of tensor data read per file
 FINGERPRINT_BLOCK = 4096
 

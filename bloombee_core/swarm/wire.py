@@ -145,7 +145,7 @@ def _tensor_metas(items: Any) -> list[TensorMeta]:
         compressor, nbytes = item.get("compressor"), item.get("nbytes")
         if not isinstance(name, str) or not isinstance(compressor, str):
             raise ProtocolError(f"tensor description needs string 'name' and 'compressor', got {item!r:.200}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if (
             not isinstance(shape, list)

@@ -32,10 +32,12 @@ def test_status_lists_servers_spans_and_coverage(swarm, tiny_models, family_serv
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     by_name = {m["name"]: m for m in report["models"]}
-    assert str(tiny_models["llama"]) in by_name, (
+    # a record names a local model by its folder's name, never by where the server keeps it
+    assert tiny_models["llama"].name in by_name, (
         f"llama missing from the status report: {result.stdout} {result.stderr}"
     )
-    llama = by_name[str(tiny_models["llama"])]
+    assert str(tiny_models["llama"].parent) not in result.stdout
+    llama = by_name[tiny_models["llama"].name]
     assert llama["num_blocks"] == 4 and llama["family"] == "llama"
     alive = [c for c in family_servers["llama"] if c.proc.poll() is None]
     assert {s["peer"] for s in llama["servers"]} >= {c.ready["peer"] for c in alive}

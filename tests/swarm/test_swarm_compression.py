@@ -7,6 +7,7 @@ servers' own report and ``bloombee status`` show fewer bytes on the wire than ra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_every_path_compresses_and_stays_exact(swarm, compressed_swarm):
     # bloombee status shows raw and wire bytes per server (from their DHT records, refreshed every ttl/3)
     result = cli("status", "--initial-peers", *swarm.peers, "--json")
     assert result.returncode == 0, result.stderr
-    [entry] = [m for m in json.loads(result.stdout)["models"] if m["name"] == str(folder)]
+    [entry] = [m for m in json.loads(result.stdout)["models"] if m["name"] == Path(folder).name]
     assert {s["peer"] for s in entry["servers"]} == set(peers)
     assert all(len(s["traffic"]) == 4 for s in entry["servers"])
 
