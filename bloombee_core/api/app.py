@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from bloombee_core.api import schemas
 from bloombee_core.api.engine import ApiError, Cancelled, Engine, Generation, Outcome, Piece, invalid
+from bloombee_core.client.retry import SwarmBusyError
 from bloombee_core.swarm.routing import NoRouteError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def _failure(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, NoRouteError):
         return ApiError(503, str(exc), "service_unavailable", "no_route")
+    if isinstance(exc, SwarmBusyError):
+        return ApiError(503, str(exc), "service_unavailable", "swarm_busy")
     logger.exception("generation failed", exc_info=exc)
     return ApiError(500, f"the generation failed: {type(exc).__name__}: {exc}", "server_error")
 

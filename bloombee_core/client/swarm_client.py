@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from bloombee_core.client.retry import Retries
+from bloombee_core.client.retry import BUSY_PAUSE, Retries, is_busy
 from bloombee_core.client.rpc import Tensors, call
 from bloombee_core.compression import RAW, Compressor
 from bloombee_core.swarm import wire
@@ -109,7 +109,12 @@ class SwarmClient:
         raise AssertionError("unreachable")
 
     def fail(self, peer: str, exc: BaseException) -> None:
-        """``peer`` failed a call: ban it (longer each time) and measure it afresh once the ban ends."""
+        """``peer`` failed a call: ban it (longer each time) and measure it afresh once the ban ends. A
+        busy server did nothing wrong: it is only left out of routing for a moment."""
+        if is_busy(exc):
+            self.bans.ban(peer, BUSY_PAUSE)
+            logger.warning("server %s is busy (%s); trying another or waiting", peer, exc)
+            return
         seconds = self.bans.ban(peer)
         self.rtt.pop(peer, None)
         logger.warning("server %s failed (%s); banned for %.0fs, re-routing", peer, exc, seconds)

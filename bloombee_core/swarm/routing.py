@@ -89,12 +89,14 @@ class BanList:
         self._until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
 
-    def ban(self, peer: str) -> float:
-        strikes = self._strikes.get(peer, 0) + 1
-        self._strikes[peer] = strikes
-        length = min(self.base * 2 ** (strikes - 1), self.cap)
-        self._until[peer] = time.monotonic() + length
-        return length
+    def ban(self, peer: str, seconds: float | None = None) -> float:
+        """Ban ``peer``; ``seconds``: for that long, not counted as a strike (a busy server)."""
+        if seconds is None:
+            strikes = self._strikes.get(peer, 0) + 1
+            self._strikes[peer] = strikes
+            seconds = min(self.base * 2 ** (strikes - 1), self.cap)
+        self._until[peer] = max(self._until.get(peer, 0.0), time.monotonic() + seconds)
+        return seconds
 
     def banned(self) -> set[str]:
         now = time.monotonic()
