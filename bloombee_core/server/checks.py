@@ -282,6 +282,13 @@ def push_target(value: object) -> tuple[str, str] | None:
     return value["peer"], value["session_id"]
 
 
+def upstream_peer(value: object) -> str | None:
+    """The peer allowed to push into a session: ``None`` (nobody) or a peer id."""
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
+        raise RequestError(f"'upstream' must be null or a peer id, got {value!r:.80}")
+    return value
+
+
 def step_number(header: Mapping[str, Any]) -> int:
     step = header.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:

@@ -26,6 +26,7 @@ from bloombee_core.server.checks import (
     open_request,
     push_target,
     step_number,
+    upstream_peer,
 )
 from bloombee_core.swarm import wire
 from bloombee_core.swarm.links import Link, Links
@@ -83,6 +84,7 @@ class Session:
     inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     next_step: int = 0
     push_target: tuple[str, str] | None = None
+    upstream: str | None = None  # the only peer whose pushes it takes: the server before it in the chain
     push_stream: asyncio.Task[FrameStream] | None = None  # connecting / connected stream to the push target
     adapter: LoraWeights | None = None  # the client's LoRA adapter, applied to every step
 
@@ -144,6 +146,7 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     reader: asyncio.Task | None = None
     try:
         session.set_push(push_target(header.get("push")), server.transport, server.links)
+        session.upstream = upstream_peer(header.get("upstream"))
         reader = asyncio.create_task(_read_client(server, stream, session))
         await wire.send(
             stream,
@@ -171,6 +174,10 @@ async def receive_pushes(
         session = await _session_soon(server, sid)
         if session is None:
             raise RequestError(f"unknown session id {sid!r:.80}: no such inference session is open here")
+        if stream.peer != session.upstream:  # a session id is no key: only its chain may push into it
+            raise RequestError(
+                f"push refused: session {sid!r:.40} takes pushes only from the server before it in its chain"
+            )
         await _accept_step(server, session, stream, header, metas, "push")
         if link.report_due():
             await wire.send(stream, {"ok": True, "type": "link"}, link=link)
@@ -193,8 +200,11 @@ async def _read_client(server: Server, stream: FrameStream, session: Session) ->
                 return
             header, metas = message
             kind = header.get("type")
-            if kind == "route":
-                await session.inbox.put(Route(push_target(header.get("push"))))
+            if kind == "route":  # re-routed: a new push target, a new upstream, or both
+                if "upstream" in header:
+                    session.upstream = upstream_peer(header["upstream"])
+                if "push" in header:
+                    await session.inbox.put(Route(push_target(header["push"])))
             elif kind == "step":
                 await _accept_step(server, session, stream, header, metas, "client")
             else:

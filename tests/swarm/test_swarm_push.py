@@ -28,3 +28,39 @@ def test_later_servers_get_their_inputs_by_push(tiny_models, family_servers, rem
         assert hop["computed_from"] == {"client": 0, "push": steps}, hop
         assert hop["sent_by_client"] == 0, hop  # the client never sent this server a hidden state
         assert hop["server_received"] == {"from_client": 0, "from_push": steps}, hop
+
+
+def test_only_the_server_before_it_may_push_into_a_session(
+    tiny_models, family_servers, remote_model, raw_client
+):
+    """A session id is no key: a stranger who learned it cannot inject steps; the chain still works."""
+    from bloombee_core.client.rpc import RemoteError, request
+    from bloombee_core.compression import RAW
+    from bloombee_core.swarm import wire
+
+    family_servers["llama"]
+    folder = tiny_models["llama"]
+    model = remote_model(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    loop, transport = raw_client
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad(), model.inference_session(max_length=16) as session:
+        first = model.generate(ids, max_new_tokens=2, do_sample=False)
+        second = session.inner.hops[1]  # blocks 1:3: fed by the first server's pushes
+        forged = {"hidden": torch.randn(1, 1, 64), "position_ids": torch.tensor([[7]])}
+
+        async def inject():
+            stream = await transport.connect(second.hop.peer, wire.PROTOCOL)
+            try:
+                header = {"type": "push", "session_id": second.id, "step": 2}
+                return await request(stream, header, forged, RAW, wire.compressor_table(None))
+            finally:
+                stream.close()
+
+        try:
+            loop.run(inject(), timeout=30)
+            raise AssertionError("a stranger's push was accepted")
+        except RemoteError as exc:
+            assert exc.code == "bad_request" and "push refused" in str(exc), exc
+        more = model.generate(first, max_new_tokens=3, do_sample=False)  # the session goes on, exact
+    assert more.tolist() == ref.generate(ids, max_new_tokens=5, do_sample=False).tolist()
