@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from bloombee_core.server.sessions import Session
 from bloombee_core.server.throughput import measure_row_cost, measure_throughput
 from bloombee_core.swarm import wire
 from bloombee_core.swarm.links import Links
-from bloombee_core.swarm.records import ServerRecord, announce, withdraw
+from bloombee_core.swarm.records import ServerRecord, announce, fetch_servers, withdraw
 from bloombee_core.swarm.wire import TensorMeta
 from bloombee_core.transport import FrameStream, Transport
 
@@ -98,6 +99,7 @@ class Server:
             self.compute, self.compute_thread, self.sessions, batch_wait_ms, max_batch_tokens
         )
         self.movable = movable  # chose its blocks itself: it may move (never with explicit --blocks)
+        self._servers: tuple[float, dict[str, ServerRecord]] = (0.0, {})  # (when fetched, the swarm's)
         self.fixed_throughput = throughput  # announced as given instead of measured
         self.throughput = throughput or 0.0
         self.row_cost: float | None = None  # measured at start unless the throughput is given
@@ -272,6 +274,19 @@ class Server:
         return [*(weights.get(t, 0) for t in tiers), *(kv.get(t, 0) for t in tiers), budget, placed["peak"]]
 
     # ---- what requests share ---------------------------------------------------------------------
+    async def serves_block(self, peer: str, block: int) -> bool:
+        """Whether the DHT shows ``peer`` serving ``block`` of this model (records kept for 10 s and
+        fetched again when they do not show it: it may have joined since)."""
+        for fresh in (False, True):
+            fetched, servers = self._servers
+            if fresh or time.monotonic() - fetched > 10.0:
+                servers = await fetch_servers(self.transport, self.model, self.checks.num_blocks)
+                self._servers = (time.monotonic(), servers)
+            record = servers.get(peer)
+            if record is not None and record.start <= block < record.end:
+                return True
+        return False
+
     def view(self, header: dict[str, Any]) -> BlockSpan:
         """The part of the span a request's ``start``/``end`` name (checked), made once per range."""
         key = self.checks.blocks(header)

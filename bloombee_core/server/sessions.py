@@ -29,9 +29,9 @@ from bloombee_core.server.checks import (
     upstream_peer,
 )
 from bloombee_core.swarm import wire
-from bloombee_core.swarm.links import Link, Links
+from bloombee_core.swarm.links import Link
 from bloombee_core.swarm.wire import TensorMeta
-from bloombee_core.transport import FrameStream, Transport
+from bloombee_core.transport import FrameStream
 
 if TYPE_CHECKING:
     from bloombee_core.model import BlockSpan, SpanCache
@@ -101,12 +101,12 @@ class Session:
     from_client: int = 0
     from_push: int = 0
 
-    def set_push(self, target: tuple[str, str] | None, transport: Transport, links: Links) -> None:
+    def set_push(self, target: tuple[str, str] | None, server: Server) -> None:
         """Point pushes at ``target`` and start opening its stream now, off the first step's path."""
         self.close_push()
         self.push_target = target
         if target is not None:
-            self.push_stream = asyncio.create_task(_open_push(transport, target[0], links))
+            self.push_stream = asyncio.create_task(_open_push(server, target[0], self.span.end))
 
     def close_push(self) -> None:
         if self.push_stream is not None:
@@ -145,7 +145,7 @@ async def serve_session(server: Server, stream: FrameStream, header: dict[str, A
     server.sessions[sid] = session
     reader: asyncio.Task | None = None
     try:
-        session.set_push(push_target(header.get("push")), server.transport, server.links)
+        session.set_push(push_target(header.get("push")), server)
         session.upstream = upstream_peer(header.get("upstream"))
         reader = asyncio.create_task(_read_client(server, stream, session))
         await wire.send(
@@ -241,7 +241,7 @@ async def _step_loop(server: Server, stream: FrameStream, session: Session) -> N
             case Failed(error):
                 raise error
             case Route(target):
-                session.set_push(target, server.transport, server.links)
+                session.set_push(target, server)
             case Step() as step if step.number < session.next_step:
                 pass  # already computed from the other copy (a push and the client's own)
             case Step() as step if step.number > session.next_step:
@@ -317,15 +317,25 @@ async def _push(
         stream = await session.push_stream
         await wire.send(stream, header, tensors, server.output_compressor, server.links.get(stream.peer))
     except Exception as exc:  # noqa: BLE001 - the client delivers the step instead
-        logger.info("push to %s failed (%s); the client will deliver the step", session.push_target[0], exc)
-        session.set_push(None, server.transport, server.links)
+        refused = isinstance(exc, RequestError)  # a target that serves nothing next: worth a warning
+        logger.log(
+            logging.WARNING if refused else logging.INFO,
+            "push to %s failed (%s); the client will deliver the step",
+            session.push_target[0],
+            exc,
+        )
+        session.set_push(None, server)
         return False
     return True
 
 
-async def _open_push(transport: Transport, peer: str, links: Links) -> FrameStream:
-    stream = await transport.connect(peer, wire.PROTOCOL)
-    asyncio.create_task(_drain_replies(stream, links.get(peer)))
+async def _open_push(server: Server, peer: str, block: int) -> FrameStream:
+    """A push stream to ``peer``, which must serve the next block of this model: a server does not dial
+    whatever peer a request names."""
+    if not await server.serves_block(peer, block):
+        raise RequestError(f"will not push to {peer:.60}: the DHT shows it serving no block {block} here")
+    stream = await server.transport.connect(peer, wire.PROTOCOL)
+    asyncio.create_task(_drain_replies(stream, server.links.get(peer)))
     return stream
 
 

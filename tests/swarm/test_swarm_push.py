@@ -64,3 +64,38 @@ def test_only_the_server_before_it_may_push_into_a_session(
             assert exc.code == "bad_request" and "push refused" in str(exc), exc
         more = model.generate(first, max_new_tokens=3, do_sample=False)  # the session goes on, exact
     assert more.tolist() == ref.generate(ids, max_new_tokens=5, do_sample=False).tolist()
+
+
+def test_a_server_pushes_only_to_a_server_of_the_next_blocks(tiny_models, family_servers, raw_client, swarm):
+    """A request naming any peer as its push target does not make the server dial it."""
+    from bloombee_core.client.rpc import read_reply
+    from bloombee_core.compression import RAW
+    from bloombee_core.swarm import wire
+
+    first = family_servers["llama"][0]  # blocks 0:1
+    loop, transport = raw_client
+    stranger = {"peer": swarm.peers[0].rsplit("/p2p/", 1)[1], "session_id": "abcdefgh"}  # the bootstrap node
+
+    async def session_with_a_stranger_as_push_target():
+        stream = await transport.connect(first.ready["peer"], wire.PROTOCOL)
+        try:
+            header = {
+                "type": "open",
+                "session_id": "stranger-target-1",
+                "start": 0,
+                "end": 1,
+                "batch_size": 1,
+            }
+            await wire.send(stream, {**header, "max_length": 8, "push": stranger, "upstream": None})
+            tensors = {"hidden": torch.randn(1, 2, 64), "position_ids": torch.tensor([[0, 1]])}
+            await wire.send(stream, {"type": "step", "step": 0}, tensors, RAW)
+            opened, _ = await read_reply(stream, wire.compressor_table(None))
+            reply, out = await read_reply(stream, wire.compressor_table(None))
+            return opened, reply, out
+        finally:
+            stream.close()
+
+    opened, reply, out = loop.run(session_with_a_stranger_as_push_target(), timeout=60)
+    assert opened["ok"] and reply["ok"] and out["hidden"].shape == (1, 2, 64)
+    assert reply["pushed"] is False  # computed and answered, but not sent to the stranger
+    assert "will not push to" in first.log.read_text()
