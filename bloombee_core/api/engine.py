@@ -179,6 +179,8 @@ class _Streamer:
                 raise _StopReached
 
     def end(self) -> None:
+        # The route after any fail-over; kept as it was when the session has closed already.
+        self.route = self.engine.route() or self.route
         final, _ = self.stops.feed(self.text.final(flush=True), flush=True)
         self._emit(final)
 
